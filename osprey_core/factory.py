@@ -1,0 +1,107 @@
+"""Builders (segment-anything's registry style): a preset name, a config, a local checkpoint directory
+or a Hugging Face repo id -> model, tokenizer, engine."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from .config import OspreyConfig, get_preset
+from .errors import ConfigError
+from .modeling import OspreyForCausalLM
+
+DEFAULT_SEED = 0
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+    return names[dtype]
+
+
+def cast_model(model: OspreyForCausalLM, dtype: torch.dtype) -> OspreyForCausalLM:
+    """Everything in `dtype` except the mask extractor, which the original computes in fp32."""
+    model.to(dtype)
+    model.mask_extractor.float()
+    return model
+
+
+def build_model(
+    preset_or_config: str | OspreyConfig,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    seed: int | None = DEFAULT_SEED,
+) -> OspreyForCausalLM:
+    """A bare model with random weights (seeded), or shapes only on the `meta` device (7B in seconds)."""
+    cfg = get_preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
+    device = torch.device(device)
+    if device.type == "meta":
+        with torch.device("meta"):
+            model = OspreyForCausalLM(cfg)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = OspreyForCausalLM(cfg)
+    return cast_model(model, parse_dtype(dtype, device)).to(device).eval()
+
+
+def weights_fingerprint(model: OspreyForCausalLM) -> str:
+    """Short hash of a few weight tensors: distinguishes model versions without hashing gigabytes."""
+    h = hashlib.blake2b(digest_size=4)
+    for name, p in list(model.state_dict().items())[:: max(1, len(model.state_dict()) // 16)]:
+        h.update(name.encode())
+        if p.device.type != "meta":
+            h.update(p.detach().float().flatten()[:64].cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
+    """Preset name, local directory (official layout or ours) or HF repo id -> (model, tokenizer, config)."""
+    from .config import PRESETS
+    from .tokenizer import build_tiny_tokenizer, load_tokenizer
+
+    source = str(source)
+    if source in PRESETS:
+        model = build_model(source, device=device, dtype=dtype)
+        if source == "osprey-7b":
+            raise ConfigError("the osprey-7b preset has no weights here: use build_model('osprey-7b', ...) for "
+                              "random weights, or point at a checkpoint directory / repo id")
+        return model, build_tiny_tokenizer(model.cfg.text.vocab_size), model.cfg
+    from . import checkpoint
+
+    path = checkpoint.resolve_source(source)
+    cfg = read_config(path)
+    with torch.device("meta"):
+        model = OspreyForCausalLM(cfg)
+    checkpoint.load_checkpoint(model, path)
+    cast_model(model, parse_dtype(dtype, device)).to(device).eval()
+    tokenizer = load_tokenizer(path) if checkpoint.has_tokenizer(path) else build_tiny_tokenizer(cfg.text.vocab_size)
+    return model, tokenizer, cfg
+
+
+def read_config(path: Path) -> OspreyConfig:
+    """Our `osprey_config.json` when present, else the official `config.json` (LLaMA + mm_* fields)."""
+    ours = path / "osprey_config.json"
+    if ours.exists():
+        return OspreyConfig.load(ours)
+    official = path / "config.json"
+    if not official.exists():
+        raise ConfigError(f"{path} has neither osprey_config.json nor config.json")
+    try:
+        return OspreyConfig.from_hf_config(json.loads(official.read_text()))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{official} is not valid JSON: {e}") from e

@@ -1,0 +1,80 @@
+"""Mask-Aware Visual Extractor (spec §3): two LLM embeddings per region.
+
+* mask token: average of each feature level inside the (bilinearly resized, then `>0` binarised)
+  mask, a per-level Linear to `embed_dim`, summed, then one Linear to the LLM width;
+* position token: the mask resized to `mask_shape`² (not binarised) through a 3-layer ReLU MLP.
+Computed in fp32; each per-level projection is rounded to the vision dtype, as the original does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import OspreyConfig
+
+LEVELS = ("res2", "res3", "res4", "res5")
+
+
+class MLP(nn.Module):
+    """`layers.0..N-1` Linear with ReLU between (DETR-style MLP, the official class)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        outs = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, outs, strict=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+def mask_pool(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """features (C,h,w), masks (Q,H,W) float -> (Q,C) mean feature inside each resized, binarised mask."""
+    m = masks[None].float()
+    if m.shape[-2:] != features.shape[-2:]:
+        m = F.interpolate(m, size=features.shape[-2:], mode="bilinear", align_corners=False)
+    m = (m > 0).float()
+    denorm = m.sum(dim=(-1, -2), keepdim=True) + 1e-8
+    return torch.einsum("bchw,bqhw->bqc", features[None].float(), m / denorm)[0]
+
+
+class MaskExtractor(nn.Module):
+    def __init__(self, cfg: OspreyConfig):
+        super().__init__()
+        dims = cfg.vision.dims
+        embed, out = cfg.mask.embed_dim, cfg.text.hidden_size
+        self.mask_shape = cfg.mask.mask_shape
+        for level, dim in zip(LEVELS, dims, strict=True):
+            setattr(self, level, nn.Linear(dim, embed))
+        self.feat_linear = nn.Linear(embed, out)
+        self.mask_linear = MLP(self.mask_shape * self.mask_shape, embed, out, 3)
+
+    def forward(self, feats: dict[str, torch.Tensor], masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats: one image's levels, each (C,h,w); masks (Q,H,W) at image resolution.
+
+        Returns (mask_tokens, pos_tokens), each (Q, hidden) in fp32.
+        """
+        vision_dtype = feats["res4"].dtype
+        summed = None
+        for level in LEVELS:
+            pooled = mask_pool(feats[level], masks)
+            proj = getattr(self, level)
+            y = F.linear(pooled, proj.weight.float(), proj.bias.float()).to(vision_dtype).float()
+            summed = y if summed is None else summed + y
+        mask_tokens = F.linear(summed, self.feat_linear.weight.float(), self.feat_linear.bias.float())
+
+        pos = F.interpolate(masks[None].float(), size=(self.mask_shape, self.mask_shape), mode="bilinear",
+                            align_corners=False)[0]
+        pos = pos.reshape(pos.shape[0], -1)
+        x = pos
+        for i, layer in enumerate(self.mask_linear.layers):
+            x = F.linear(x, layer.weight.float(), layer.bias.float())
+            if i < len(self.mask_linear.layers) - 1:
+                x = F.relu(x)
+        return mask_tokens, x

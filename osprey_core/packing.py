@@ -1,0 +1,86 @@
+"""Many branches on one cached prefix, in one batch-1 sequence.
+
+The engine scores every region × every label (and decodes every region) on top of one image prefix.
+Copying the prefix KV cache per branch would cost batch × ~1,070 tokens × layers of memory; instead all
+branches are packed into one sequence after the prefix and a 4D attention mask lets each token see
+only the prefix, its own branch's ancestors and its own earlier tokens. Position ids restart per
+branch, so every branch computes what it would compute alone (tests check this against the plain path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class PrefixState:
+    """The KV cache of a shared prefix (batch 1), kept immutable and re-wrapped per call."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    length: int
+    last_logits: torch.Tensor  # logits after the final prefix token (fp32, (vocab,))
+
+    def new_cache(self, config) -> DynamicCache:
+        cache = DynamicCache(config=config)
+        for i, (k, v) in enumerate(self.kv):
+            cache.update(k, v, i)
+        return cache
+
+
+def run_prefix(model, embeds: torch.Tensor) -> PrefixState:
+    """Prefill (L, hidden) once; keep the per-layer keys/values."""
+    logits, cache = model(embeds[None], use_cache=True)
+    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    return PrefixState(kv=kv, length=embeds.shape[0], last_logits=logits[0, -1])
+
+
+@dataclass
+class PackedSequence:
+    """Branch bookkeeping for tokens appended after the prefix (the cache grows by every step)."""
+
+    prefix: PrefixState
+    cache: DynamicCache
+    parent: dict[int, int | None] = field(default_factory=dict)  # branch -> parent branch
+    token_branch: list[int] = field(default_factory=list)  # branch of each token after the prefix
+
+    @classmethod
+    def start(cls, model, prefix: PrefixState) -> PackedSequence:
+        return cls(prefix=prefix, cache=prefix.new_cache(model.llama_config))
+
+    def add_branch(self, branch: int, parent: int | None = None) -> None:
+        self.parent[branch] = parent
+
+    def _ancestors(self, branch: int) -> set[int]:
+        out = set()
+        b: int | None = branch
+        while b is not None:
+            out.add(b)
+            b = self.parent[b]
+        return out
+
+    def extend(self, model, embeds: torch.Tensor, branches: list[int], positions: list[int]) -> torch.Tensor:
+        """Append tokens (n, hidden) of the given branches at the given absolute positions -> logits (n, vocab)."""
+        n = embeds.shape[0]
+        old = len(self.token_branch)
+        all_branches = self.token_branch + list(branches)
+        device = embeds.device
+        ancestors = {b: self._ancestors(b) for b in set(branches)}
+        key_branch = torch.tensor(all_branches, device=device)
+        visible = torch.zeros(n, old + n, dtype=torch.bool, device=device)
+        for b, anc in ancestors.items():
+            rows = torch.tensor([i for i, x in enumerate(branches) if x == b], device=device)
+            cols_ok = torch.isin(key_branch, torch.tensor(sorted(anc), device=device))
+            visible[rows] = cols_ok
+        causal = torch.arange(old + n, device=device)[None, :] <= (old + torch.arange(n, device=device))[:, None]
+        visible &= causal
+        visible = torch.cat([torch.ones(n, self.prefix.length, dtype=torch.bool, device=device), visible], dim=1)
+        mask = torch.zeros(visible.shape, dtype=embeds.dtype, device=device)
+        mask.masked_fill_(~visible, torch.finfo(embeds.dtype).min)
+        pos = torch.tensor(positions, device=device)[None]
+        logits, self.cache = model(embeds[None], attention_mask=mask[None, None], position_ids=pos,
+                                   cache=self.cache, use_cache=True)
+        self.token_branch = all_branches
+        return logits[0]

@@ -1,0 +1,1 @@
+"""Corrections store, dataset builder, fine-tuning, evaluation and model registry (later issues)."""
