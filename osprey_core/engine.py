@@ -92,7 +92,9 @@ class RegionEngine:
         if key in self._images:
             self._images.move_to_end(key)
             return self._images[key]
-        pixels = preprocess(pil, self.model.cfg.vision).to(self.device, self.model.model.vision_tower.trunk.stem[0].weight.dtype)
+        pixels = preprocess(pil, self.model.cfg.vision).to(
+            self.device, self.model.model.vision_tower.trunk.stem[0].weight.dtype
+        )
         enc = _Encoded(features=self.model.encode_images(pixels[None])[0], size=pil.size)
         self.stats["image_encodes"] += 1
         self._images[key] = enc
@@ -127,8 +129,18 @@ class RegionEngine:
         masks = torch.from_numpy(region_masks(regions, enc.size)).to(self.device)
         return self.model.region_embeddings(enc.features, masks)
 
-    def _suffix_embeds(self, suffix_ids: list[int], mask_tok: torch.Tensor, pos_tok: torch.Tensor) -> torch.Tensor:
-        return self.model.splice(torch.tensor(suffix_ids), None, mask_tok[None], pos_tok[None])
+    def _region_block(self, suffix_ids: list[int], mask_tok: torch.Tensor, pos_tok: torch.Tensor,
+                      group: range) -> torch.Tensor:
+        """(len(group)*S, hidden): each region's prompt suffix `<mask><pos> ...` with its two embeddings
+        in the first two rows — what `splice` gives, with the shared text embedded once."""
+        if suffix_ids[1] != self.model.cfg.pos_token_id:
+            raise PromptError("every <mask> must be followed by <pos>")
+        rest = self.model.embed_ids(torch.tensor(suffix_ids[2:], device=self.device))
+        dtype = rest.dtype
+        idx = torch.tensor(list(group), device=self.device)
+        regions = torch.stack([mask_tok[idx].to(dtype), pos_tok[idx].to(dtype)], dim=1)  # (g, 2, H)
+        block = torch.cat([regions, rest[None].expand(len(group), -1, -1)], dim=1)
+        return block.reshape(-1, block.shape[-1])
 
     def _groups(self, n_regions: int, tokens_per_region: int) -> list[range]:
         per = max(1, self.max_packed_tokens // max(1, tokens_per_region))
@@ -149,37 +161,44 @@ class RegionEngine:
         s = len(suffix_ids)
         out = np.zeros((mask_tok.shape[0], len(options)), dtype=np.float64)
         per_region = s + sum(len(o) - 1 for o in options_ids)
+        inputs = [o[:-1] for o in options_ids]  # the final </s> is only predicted
+        flat = [t for o in inputs for t in o]
+        options_block = self.model.embed_ids(torch.tensor(flat, device=self.device, dtype=torch.long))
+        option_pos = [prefix.length + s + t for o in inputs for t in range(len(o))]
         for group in self._groups(mask_tok.shape[0], per_region):
             packed = PackedSequence.start(self.model, prefix)
-            embeds, branches, positions = [], [], []
+            embeds = [self._region_block(suffix_ids, mask_tok, pos_tok, group)]
+            branches, positions = [], []
             for r in group:
                 packed.add_branch(r)
-                embeds.append(self._suffix_embeds(suffix_ids, mask_tok[r], pos_tok[r]))
                 branches += [r] * s
                 positions += list(range(prefix.length, prefix.length + s))
             label_rows: list[tuple[int, int, int, int]] = []  # (region, option, first row, n tokens)
             row = len(branches)
             for r in group:
-                for j, o_ids in enumerate(options_ids):
+                embeds.append(options_block)
+                positions += option_pos
+                for j, o_in in enumerate(inputs):
                     b = (r + 1) * 100_000 + j
                     packed.add_branch(b, parent=r)
-                    n_in = len(o_ids) - 1  # the final </s> is only predicted
-                    if n_in:
-                        embeds.append(self.model.embed_ids(torch.tensor(o_ids[:-1], device=self.device)))
-                        branches += [b] * n_in
-                        positions += list(range(prefix.length + s, prefix.length + s + n_in))
-                    label_rows.append((r, j, row, n_in))
-                    row += n_in
+                    branches += [b] * len(o_in)
+                    label_rows.append((r, j, row, len(o_in)))
+                    row += len(o_in)
             logits = packed.extend(self.model, torch.cat(embeds), branches, positions)
             self.stats["forward_calls"] += 1
-            logp = torch.log_softmax(logits, dim=-1)
+            # Gather every needed log-prob at once: (row, target token, output slot).
             first = {r: (i + 1) * s - 1 for i, r in enumerate(group)}  # last suffix row of each region
-            for r, j, start, n_in in label_rows:
+            rows, targets, slots = [], [], []
+            for slot, (r, j, start, n_in) in enumerate(label_rows):
                 o_ids = options_ids[j]
-                total = logp[first[r], o_ids[0]].item()
-                for t in range(n_in):
-                    total += logp[start + t, o_ids[t + 1]].item()
-                out[r, j] = total
+                rows += [first[r]] + list(range(start, start + n_in))
+                targets += o_ids[: n_in + 1]
+                slots += [slot] * (n_in + 1)
+            logp = torch.log_softmax(logits, dim=-1)
+            picked = logp[torch.tensor(rows), torch.tensor(targets)].double().cpu()
+            totals = torch.zeros(len(label_rows), dtype=torch.float64).index_add_(0, torch.tensor(slots), picked)
+            for slot, (r, j, _, _) in enumerate(label_rows):
+                out[r, j] = float(totals[slot])
         return out
 
     def _classifications(self, logliks: np.ndarray, options: list[str]) -> list[Classification]:
@@ -189,24 +208,31 @@ class RegionEngine:
             z = torch.tensor(row / temp, dtype=torch.float64)
             probs = torch.softmax(z, dim=0).tolist()
             best = int(np.argmax(row))
-            results.append(Classification(
-                label=options[best], score=float(probs[best]),
-                scores={o: float(p) for o, p in zip(options, probs, strict=True)},
-                logprobs={o: float(v) for o, v in zip(options, row, strict=True)},
-            ))
+            results.append(
+                Classification(
+                    label=options[best],
+                    score=float(probs[best]),
+                    scores={o: float(p) for o, p in zip(options, probs, strict=True)},
+                    logprobs={o: float(v) for o, v in zip(options, row, strict=True)},
+                )
+            )
         return results
 
     def classify(self, image, regions, labels: list[str]) -> list[Classification]:
         """Label-set constrained classification with the official category prompt."""
         labels = _unique(labels)
-        return self._classifications(self.option_logliks(image, regions, conv.category_question(), labels), labels)
+        return self._classifications(
+            self.option_logliks(image, regions, conv.category_question(), labels), labels
+        )
 
     def attributes(self, image, regions, attributes: dict[str, list[str]]) -> list[dict[str, Classification]]:
         """One constrained question per attribute ("What is the <attr> of <region>?")."""
         out: list[dict[str, Classification]] = [{} for _ in regions]
         for name, values in attributes.items():
             values = _unique(values)
-            res = self._classifications(self.option_logliks(image, regions, conv.attribute_question(name), values), values)
+            res = self._classifications(
+                self.option_logliks(image, regions, conv.attribute_question(name), values), values
+            )
             for i, c in enumerate(res):
                 out[i][name] = c
         return out
@@ -226,13 +252,13 @@ class RegionEngine:
         answers: list[list[int]] = [[] for _ in range(mask_tok.shape[0])]
         for group in self._groups(mask_tok.shape[0], s + cap):
             packed = PackedSequence.start(self.model, prefix)
-            embeds, branches, positions = [], [], []
+            branches, positions = [], []
             for r in group:
                 packed.add_branch(r)
-                embeds.append(self._suffix_embeds(suffix_ids, mask_tok[r], pos_tok[r]))
                 branches += [r] * s
                 positions += list(range(prefix.length, prefix.length + s))
-            logits = packed.extend(self.model, torch.cat(embeds), branches, positions)
+            embeds = self._region_block(suffix_ids, mask_tok, pos_tok, group)
+            logits = packed.extend(self.model, embeds, branches, positions)
             self.stats["forward_calls"] += 1
             last = {r: logits[(i + 1) * s - 1] for i, r in enumerate(group)}
             active = list(group)

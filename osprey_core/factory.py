@@ -51,12 +51,42 @@ def build_model(
     if device.type == "meta":
         with torch.device("meta"):
             model = OspreyForCausalLM(cfg)
+    elif device.type != "cpu":
+        # Large models: shapes on meta, memory straight on the device, then a cheap random init there.
+        with torch.device("meta"):
+            model = OspreyForCausalLM(cfg)
+        model.to_empty(device=device)
+        random_init_(model, seed if seed is not None else DEFAULT_SEED)
+        materialize_buffers(model)
     else:
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
             model = OspreyForCausalLM(cfg)
     return cast_model(model, parse_dtype(dtype, device)).to(device).eval()
+
+
+@torch.no_grad()
+def random_init_(model: OspreyForCausalLM, seed: int) -> None:
+    """Random weights for benchmarks of the real shapes (same cost as real weights, no download)."""
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("gamma"):
+            p.fill_(model.cfg.vision.layer_scale_init)
+        elif p.ndim >= 2:
+            p.normal_(0.0, 0.02, generator=gen)
+        elif "norm" in name or name.endswith(("stem.1.weight", "downsample.0.weight")):
+            p.fill_(1.0)
+        else:
+            p.zero_()
+
+
+def materialize_buffers(model: OspreyForCausalLM) -> None:
+    """Non-persistent buffers (RoPE frequencies) are not in checkpoints: rebuild them on the model's device
+    after a meta-device construction."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    model.model.rotary_emb = LlamaRotaryEmbedding(model.model.config).to(model.lm_head.weight.device)
 
 
 def weights_fingerprint(model: OspreyForCausalLM) -> str:
@@ -88,6 +118,7 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: st
     with torch.device("meta"):
         model = OspreyForCausalLM(cfg)
     checkpoint.load_checkpoint(model, path)
+    materialize_buffers(model)
     cast_model(model, parse_dtype(dtype, device)).to(device).eval()
     tokenizer = load_tokenizer(path) if checkpoint.has_tokenizer(path) else build_tiny_tokenizer(cfg.text.vocab_size)
     return model, tokenizer, cfg

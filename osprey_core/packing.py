@@ -53,13 +53,18 @@ class PackedSequence:
     def add_branch(self, branch: int, parent: int | None = None) -> None:
         self.parent[branch] = parent
 
-    def _ancestors(self, branch: int) -> set[int]:
-        out = set()
-        b: int | None = branch
-        while b is not None:
-            out.add(b)
-            b = self.parent[b]
-        return out
+    def _visibility(self, query_branches: list[int], key_branches: list[int], device) -> torch.Tensor:
+        """(n, m) bool: query token's branch is the key token's branch or one of its descendants."""
+        index = {b: i for i, b in enumerate(self.parent)}
+        anc = torch.zeros(len(index), len(index), dtype=torch.bool)
+        for b, i in index.items():
+            a: int | None = b
+            while a is not None:
+                anc[i, index[a]] = True
+                a = self.parent[a]
+        q = torch.tensor([index[b] for b in query_branches])
+        k = torch.tensor([index[b] for b in key_branches])
+        return anc[q][:, k].to(device)
 
     def extend(self, model, embeds: torch.Tensor, branches: list[int], positions: list[int]) -> torch.Tensor:
         """Append tokens (n, hidden) of the given branches at the given absolute positions -> logits (n, vocab)."""
@@ -67,13 +72,7 @@ class PackedSequence:
         old = len(self.token_branch)
         all_branches = self.token_branch + list(branches)
         device = embeds.device
-        ancestors = {b: self._ancestors(b) for b in set(branches)}
-        key_branch = torch.tensor(all_branches, device=device)
-        visible = torch.zeros(n, old + n, dtype=torch.bool, device=device)
-        for b, anc in ancestors.items():
-            rows = torch.tensor([i for i, x in enumerate(branches) if x == b], device=device)
-            cols_ok = torch.isin(key_branch, torch.tensor(sorted(anc), device=device))
-            visible[rows] = cols_ok
+        visible = self._visibility(list(branches), all_branches, device)
         causal = torch.arange(old + n, device=device)[None, :] <= (old + torch.arange(n, device=device))[:, None]
         visible &= causal
         visible = torch.cat([torch.ones(n, self.prefix.length, dtype=torch.bool, device=device), visible], dim=1)
