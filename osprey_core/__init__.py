@@ -27,12 +27,17 @@ def build_model(preset_or_config, device="cpu", dtype=None, seed: int | None = 0
     return _build(preset_or_config, device=device, dtype=dtype, seed=seed)
 
 
-def load_engine(source: str = "tiny", device: str = "cpu", dtype=None, **engine_kwargs) -> RegionEngine:
-    """A preset name (`tiny`), a local checkpoint directory or a Hugging Face repo id -> RegionEngine."""
+def load_engine(
+    source: str = "tiny", device: str = "cpu", dtype=None, vision_tower_file=None, **engine_kwargs
+) -> RegionEngine:
+    """A preset name (`tiny`), a local checkpoint directory or a Hugging Face repo id -> RegionEngine.
+
+    `vision_tower_file`: an open_clip `.bin` for checkpoints that lack the vision weights.
+    """
     from .engine import RegionEngine
     from .factory import load_model, weights_fingerprint
 
-    model, tokenizer, cfg = load_model(source, device=device, dtype=dtype)
+    model, tokenizer, cfg = load_model(source, device=device, dtype=dtype, vision_tower_file=vision_tower_file)
     return RegionEngine(model, tokenizer, model_version=f"{cfg.name}-{weights_fingerprint(model)}", **engine_kwargs)
 
 

@@ -121,16 +121,18 @@ def osprey_7b() -> OspreyConfig:
 
 
 def tiny() -> OspreyConfig:
-    """A few-hundred-thousand-parameter Osprey for tests: every code path, built in well under a second."""
+    """A sub-million-parameter Osprey for tests, built in well under a second. Widths and depths shrink;
+    the token layout does not: 512 px input, 1,024 image tokens, a ~1,090-token prompt prefix and the
+    112×112 position mask, so costs split between image, prefix and regions as on the 7B."""
     return OspreyConfig(
         name="tiny",
-        vision=VisionConfig(depths=(1, 1, 2, 1), dims=(8, 16, 32, 64), image_size=64, head_embed_dim=32,
+        vision=VisionConfig(depths=(1, 1, 2, 1), dims=(8, 16, 32, 64), image_size=512, head_embed_dim=32,
                             head_hidden_dim=64),
-        text=TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        text=TextConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048),
-        mask=MaskConfig(embed_dim=32, mask_shape=16),
-        mask_token_id=512,
-        pos_token_id=513,
+        mask=MaskConfig(embed_dim=32, mask_shape=112),
+        mask_token_id=1024,
+        pos_token_id=1025,
     )
 
 

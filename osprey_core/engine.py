@@ -67,7 +67,7 @@ class RegionEngine:
         image_cache_size: int = 8,
         prefix_cache_size: int = 4,
         max_new_tokens: int = 64,
-        max_packed_tokens: int = 4096,
+        max_packed_tokens: int | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -75,7 +75,13 @@ class RegionEngine:
         self.image_cache_size = image_cache_size
         self.prefix_cache_size = prefix_cache_size
         self.max_new_tokens = max_new_tokens
+        # Packed tokens per forward: attention is quadratic in it, so CPUs want small packs and GPUs
+        # large ones (fewer launches); results do not depend on it (tested).
+        if max_packed_tokens is None:
+            max_packed_tokens = 4096 if model.device.type == "cuda" else 640
         self.max_packed_tokens = max_packed_tokens
+        self._prompts: dict[str, tuple[str, list[int], list[int], list[int]]] = {}
+        self._continuations: OrderedDict[tuple[str, str], list[int]] = OrderedDict()
         self._images: OrderedDict[str, _Encoded] = OrderedDict()
         self.stats = {"image_encodes": 0, "prefix_fills": 0, "forward_calls": 0}
 
@@ -117,6 +123,21 @@ class RegionEngine:
 
     def _prompt(self, question: str) -> tuple[str, list[int], list[int], list[int]]:
         """Full prompt -> (text, ids, prefix ids before the first `<mask>`, suffix ids from it)."""
+        if question not in self._prompts:
+            if len(self._prompts) > 256:
+                self._prompts.clear()
+            self._prompts[question] = self._split_prompt(question)
+        return self._prompts[question]
+
+    def _option_ids(self, text: str, ids: list[int], option: str) -> list[int]:
+        key = (text, option)
+        if key not in self._continuations:
+            self._continuations[key] = continuation_ids(self.tokenizer, ids, text, option)
+            while len(self._continuations) > 4096:
+                self._continuations.popitem(last=False)
+        return self._continuations[key]
+
+    def _split_prompt(self, question: str) -> tuple[str, list[int], list[int], list[int]]:
         text = conv.chat_prompt(question)
         ids = tokenizer_image_token(text, self.tokenizer)
         mask_id = self.model.cfg.mask_token_id
@@ -155,7 +176,7 @@ class RegionEngine:
             raise ValueError("at least one candidate label is needed")
         enc = self.encode(image)
         text, ids, prefix_ids, suffix_ids = self._prompt(question)
-        options_ids = [continuation_ids(self.tokenizer, ids, text, o) for o in options]
+        options_ids = [self._option_ids(text, ids, o) for o in options]
         mask_tok, pos_tok = self._region_tokens(enc, regions)
         prefix = self._prefix(enc, prefix_ids)
         s = len(suffix_ids)

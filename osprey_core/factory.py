@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .config import OspreyConfig, get_preset
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .modeling import OspreyForCausalLM
 
 DEFAULT_SEED = 0
@@ -99,17 +99,22 @@ def weights_fingerprint(model: OspreyForCausalLM) -> str:
     return h.hexdigest()
 
 
-def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
+def load_model(
+    source: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    vision_tower_file: str | Path | None = None,
+):
     """Preset name, local directory (official layout or ours) or HF repo id -> (model, tokenizer, config)."""
     from .config import PRESETS
     from .tokenizer import build_tiny_tokenizer, load_tokenizer
 
     source = str(source)
+    if source == "osprey-7b":
+        raise ConfigError("the osprey-7b preset has no weights here: use build_model('osprey-7b', ...) for "
+                          "random weights, or point at a checkpoint directory / repo id")
     if source in PRESETS:
         model = build_model(source, device=device, dtype=dtype)
-        if source == "osprey-7b":
-            raise ConfigError("the osprey-7b preset has no weights here: use build_model('osprey-7b', ...) for "
-                              "random weights, or point at a checkpoint directory / repo id")
         return model, build_tiny_tokenizer(model.cfg.text.vocab_size), model.cfg
     from . import checkpoint
 
@@ -117,10 +122,15 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: st
     cfg = read_config(path)
     with torch.device("meta"):
         model = OspreyForCausalLM(cfg)
-    checkpoint.load_checkpoint(model, path)
-    materialize_buffers(model)
+    checkpoint.load_checkpoint(model, path, vision_tower_file=vision_tower_file)
     cast_model(model, parse_dtype(dtype, device)).to(device).eval()
-    tokenizer = load_tokenizer(path) if checkpoint.has_tokenizer(path) else build_tiny_tokenizer(cfg.text.vocab_size)
+    if not checkpoint.has_tokenizer(path):
+        raise CheckpointError(f"{path} has no tokenizer (tokenizer.json, tokenizer.model or tokenizer_config.json)")
+    tokenizer = load_tokenizer(path)
+    ids = tokenizer.convert_tokens_to_ids(["<mask>", "<pos>"])
+    if ids != [cfg.mask_token_id, cfg.pos_token_id]:
+        raise CheckpointError(f"tokenizer in {path} maps <mask>/<pos> to {ids}, the model expects "
+                              f"{[cfg.mask_token_id, cfg.pos_token_id]}")
     return model, tokenizer, cfg
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 
@@ -56,15 +57,15 @@ class PackedSequence:
     def _visibility(self, query_branches: list[int], key_branches: list[int], device) -> torch.Tensor:
         """(n, m) bool: query token's branch is the key token's branch or one of its descendants."""
         index = {b: i for i, b in enumerate(self.parent)}
-        anc = torch.zeros(len(index), len(index), dtype=torch.bool)
+        anc = np.zeros((len(index), len(index)), dtype=bool)
         for b, i in index.items():
             a: int | None = b
             while a is not None:
                 anc[i, index[a]] = True
                 a = self.parent[a]
-        q = torch.tensor([index[b] for b in query_branches])
-        k = torch.tensor([index[b] for b in key_branches])
-        return anc[q][:, k].to(device)
+        q = np.fromiter((index[b] for b in query_branches), dtype=np.int64, count=len(query_branches))
+        k = np.fromiter((index[b] for b in key_branches), dtype=np.int64, count=len(key_branches))
+        return torch.from_numpy(anc[q][:, k]).to(device)
 
     def extend(self, model, embeds: torch.Tensor, branches: list[int], positions: list[int]) -> torch.Tensor:
         """Append tokens (n, hidden) of the given branches at the given absolute positions -> logits (n, vocab)."""

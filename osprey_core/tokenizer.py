@@ -20,7 +20,15 @@ def _corpus() -> list[str]:
         "cat dog person car bus tree sky road building grass water bird horse boat chair table bottle cup "
         "red green blue yellow black white orange purple gray brown pink small large medium big tiny "
         "circle square triangle rectangle ellipse star shape object region left right top bottom center "
-        "the a an of in on at is are with and this that there it its color size position category"
+        "the a an of in on at is are with and this that there it its color size position category "
+        # COCO's category names: label sets are mostly such words, and a real LLaMA vocabulary holds them
+        # as one or two tokens each.
+        "bicycle motorcycle airplane train truck traffic light fire hydrant stop sign parking meter bench "
+        "sheep cow elephant bear zebra giraffe backpack umbrella handbag tie suitcase frisbee skis snowboard "
+        "sports ball kite baseball bat glove skateboard surfboard tennis racket wine glass fork knife spoon "
+        "bowl banana apple sandwich broccoli carrot hot pizza donut cake couch potted plant bed toilet tv "
+        "laptop mouse remote keyboard cell phone microwave oven toaster sink refrigerator book clock vase "
+        "scissors teddy hair drier toothbrush road building grass"
     )
     texts = [conv.SYSTEM_OSPREY_V1, conv.SYSTEM_VICUNA_V1, conv.CATEGORY_PROMPT, conv.SHORT_PROMPT,
              conv.DETAILED_PROMPT, conv.OPEN_QUESTION_PREFIX, conv.multi_region_intro(3), words,
@@ -30,7 +38,7 @@ def _corpus() -> list[str]:
 
 
 @lru_cache(maxsize=4)
-def build_tiny_tokenizer(vocab_size: int = 512):
+def build_tiny_tokenizer(vocab_size: int = 1024):
     """A LLaMA-like tokenizer (metaspace BPE; <unk>=0 <s>=1 </s>=2; `<mask>`, `<pos>` added after the
     vocabulary, so they are never embedded), trained deterministically in well under a second."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

@@ -41,12 +41,22 @@ def masks() -> list[np.ndarray]:
 
 @pytest.fixture(scope="session")
 def engine():
-    """The tiny engine with region embeddings amplified: random weights otherwise barely let the
-    region change the answer, which would make region-mixing bugs invisible to equality tests."""
-    from osprey_core import load_engine
+    """The tiny engine at 64 px (16 image tokens) with region embeddings amplified.
 
-    eng = load_engine("tiny")
+    With random weights and the preset's 1,024 image tokens a region barely moves the answer, which
+    would make region-mixing bugs invisible to the equality tests; the mechanics under test do not
+    depend on the image size.
+    """
+    from osprey_core.config import tiny
+    from osprey_core.engine import RegionEngine
+    from osprey_core.factory import build_model
+    from osprey_core.tokenizer import build_tiny_tokenizer
+
+    cfg = tiny()
+    cfg.vision.image_size = 64
+    cfg.mask.mask_shape = 16
+    model = build_model(cfg)
     with torch.no_grad():
-        eng.model.mask_extractor.feat_linear.weight.mul_(60)
-        eng.model.mask_extractor.mask_linear.layers[2].weight.mul_(60)
-    return eng
+        model.mask_extractor.feat_linear.weight.mul_(60)
+        model.mask_extractor.mask_linear.layers[2].weight.mul_(60)
+    return RegionEngine(model, build_tiny_tokenizer(cfg.text.vocab_size), model_version="tiny-test")

@@ -70,6 +70,7 @@ class MaskExtractor(nn.Module):
         Returns (mask_tokens, pos_tokens), each (Q, hidden) in fp32.
         """
         vision_dtype = feats["res4"].dtype
+        masks = masks.float()  # once: full-resolution masks are the largest tensors here
         summed = None
         for level in LEVELS:
             pooled = mask_pool(feats[level], masks)

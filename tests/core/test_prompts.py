@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from osprey_core import conversation as conv
-from osprey_core.tokenizer import IMAGE_TOKEN_INDEX, build_tiny_tokenizer, continuation_ids, tokenizer_image_token
+from osprey_core.tokenizer import (
+    IMAGE_TOKEN_INDEX,
+    build_tiny_tokenizer,
+    continuation_ids,
+    tokenizer_image_token,
+)
 
 
 def test_lvis_prompt_verbatim():
@@ -29,8 +34,8 @@ def test_image_token_single_bos_and_placeholder():
 
 
 def test_added_tokens_follow_vocabulary():
-    tok = build_tiny_tokenizer(512)
-    assert tok.convert_tokens_to_ids(["<mask>", "<pos>"]) == [512, 513]
+    tok = build_tiny_tokenizer(1024)
+    assert tok.convert_tokens_to_ids(["<mask>", "<pos>"]) == [1024, 1025]
     assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2, 0)
 
 
