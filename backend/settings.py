@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     osprey_setup_wait_s: float = Field(
         2.0, description="How long /setup waits for a worker to announce its model version (LS waits 3 s)."
     )
+    osprey_max_request_bytes: int = Field(
+        256 * 1024 * 1024, description="Largest /predict or /webhook body accepted (brush-heavy batches are big)."
+    )
     osprey_regions_from: str = Field(
         "annotations", description="Batch regions source: annotations, predictions or both (annotations first)."
     )
