@@ -98,14 +98,14 @@ def main() -> None:
     for k in [int(x) for x in args.regions.split(",")]:
         image, masks = make_inputs(k, seed=k)
 
-        def run_engine():
+        n_plain = min(k, args.plain_max_regions)
+
+        def run_engine(image=image, masks=masks):
             engine._images.clear()
             engine.classify(image, masks, labels)
 
-        n_plain = min(k, args.plain_max_regions)
-
-        def run_plain():
-            for m in masks[:n_plain]:
+        def run_plain(image=image, masks=masks[:n_plain]):
+            for m in masks:
                 plain_generate(model, tokenizer, image, m, question, cap)
 
         t_engine = timed(run_engine, device, args.repeats)

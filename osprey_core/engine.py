@@ -32,6 +32,17 @@ class Classification:
 
 
 @dataclass
+class _ScoreLayout:
+    parent: dict[int, int | None]
+    branches: list[int]
+    positions: torch.Tensor
+    mask: torch.Tensor
+    rows: torch.Tensor
+    targets: torch.Tensor
+    slots: torch.Tensor
+
+
+@dataclass
 class _Encoded:
     features: ImageFeatures
     size: tuple[int, int]  # (width, height)
@@ -39,23 +50,25 @@ class _Encoded:
 
 
 def region_masks(regions, size: tuple[int, int]) -> np.ndarray:
-    """Regions (Region objects or HxW arrays) -> (Q,H,W) bool, checked against the image size."""
+    """Regions (Region objects or HxW arrays) -> (Q,H,W) float32 0/1, checked against the image size.
+
+    Converted to float here, in one numpy pass, because the extractor needs float masks and numpy's
+    conversion is several times faster than torch's bool->float on CPU.
+    """
     w, h = size
-    out = []
+    out = np.empty((len(regions), h, w), dtype=np.float32)
     for i, r in enumerate(regions):
-        m = getattr(r, "mask", r)
-        m = np.asarray(m)
+        m = np.asarray(getattr(r, "mask", r))
         if m.ndim != 2:
             raise RegionError(f"region {i}: mask must be 2-D, got shape {m.shape}")
         if m.shape != (h, w):
             raise RegionError(f"region {i}: mask is {m.shape[1]}x{m.shape[0]} but the image is {w}x{h}")
-        m = m.astype(bool)
+        if m.dtype != bool:
+            m = m != 0
         if not m.any():
             raise RegionError(f"region {i}: mask is empty")
-        out.append(m)
-    if not out:
-        return np.zeros((0, h, w), dtype=bool)
-    return np.stack(out)
+        out[i] = m
+    return out
 
 
 class RegionEngine:
@@ -78,10 +91,11 @@ class RegionEngine:
         # Packed tokens per forward: attention is quadratic in it, so CPUs want small packs and GPUs
         # large ones (fewer launches); results do not depend on it (tested).
         if max_packed_tokens is None:
-            max_packed_tokens = 4096 if model.device.type == "cuda" else 640
+            max_packed_tokens = 4096 if model.device.type == "cuda" else 320
         self.max_packed_tokens = max_packed_tokens
         self._prompts: dict[str, tuple[str, list[int], list[int], list[int]]] = {}
         self._continuations: OrderedDict[tuple[str, str], list[int]] = OrderedDict()
+        self._layouts: OrderedDict[tuple, _ScoreLayout] = OrderedDict()
         self._images: OrderedDict[str, _Encoded] = OrderedDict()
         self.stats = {"image_encodes": 0, "prefix_fills": 0, "forward_calls": 0}
 
@@ -93,11 +107,11 @@ class RegionEngine:
 
     @torch.inference_mode()
     def encode(self, image) -> _Encoded:
-        pil = to_pil(image)
-        key = image_hash(pil)
+        key = image_hash(image)
         if key in self._images:
             self._images.move_to_end(key)
             return self._images[key]
+        pil = to_pil(image)
         pixels = preprocess(pil, self.model.cfg.vision).to(
             self.device, self.model.model.vision_tower.trunk.stem[0].weight.dtype
         )
@@ -163,6 +177,46 @@ class RegionEngine:
         block = torch.cat([regions, rest[None].expand(len(group), -1, -1)], dim=1)
         return block.reshape(-1, block.shape[-1])
 
+    def _score_layout(self, prefix: PrefixState, s: int, options_ids: list[list[int]], g: int) -> _ScoreLayout:
+        """Branch tree, positions, attention mask and gather indices for scoring `g` regions × all options;
+        the same for every call with this prompt, label set and group size, so built once."""
+        key = (prefix.length, s, tuple(map(tuple, options_ids)), g)
+        if key in self._layouts:
+            self._layouts.move_to_end(key)
+            return self._layouts[key]
+        p = prefix.length
+        parent: dict[int, int | None] = {}
+        branches: list[int] = []
+        positions: list[int] = []
+        for r in range(g):  # the region suffixes first: every label branch sees its region's suffix
+            parent[r] = None
+            branches += [r] * s
+            positions += range(p, p + s)
+        rows, targets, slots = [], [], []
+        row = len(branches)
+        for r in range(g):
+            for j, o_ids in enumerate(options_ids):
+                b = (r + 1) * 100_000 + j
+                parent[b] = r
+                n_in = len(o_ids) - 1
+                branches += [b] * n_in
+                positions += range(p + s, p + s + n_in)
+                # log p(first token | suffix) from the suffix's last row, then each next token from its row
+                rows += [(r + 1) * s - 1] + list(range(row, row + n_in))
+                targets += o_ids
+                slots += [r * len(options_ids) + j] * len(o_ids)
+                row += n_in
+        probe = PackedSequence(prefix=prefix, cache=None, parent=parent)
+        layout = _ScoreLayout(
+            parent=parent, branches=branches, positions=torch.tensor(positions, device=self.device),
+            mask=probe.attention_mask(branches, self.model.model.embed_tokens.weight.dtype, self.device),
+            rows=torch.tensor(rows), targets=torch.tensor(targets), slots=torch.tensor(slots),
+        )
+        self._layouts[key] = layout
+        while len(self._layouts) > 8:
+            self._layouts.popitem(last=False)
+        return layout
+
     def _groups(self, n_regions: int, tokens_per_region: int) -> list[range]:
         per = max(1, self.max_packed_tokens // max(1, tokens_per_region))
         return [range(i, min(i + per, n_regions)) for i in range(0, n_regions, per)]
@@ -185,41 +239,18 @@ class RegionEngine:
         inputs = [o[:-1] for o in options_ids]  # the final </s> is only predicted
         flat = [t for o in inputs for t in o]
         options_block = self.model.embed_ids(torch.tensor(flat, device=self.device, dtype=torch.long))
-        option_pos = [prefix.length + s + t for o in inputs for t in range(len(o))]
         for group in self._groups(mask_tok.shape[0], per_region):
+            layout = self._score_layout(prefix, s, options_ids, len(group))
             packed = PackedSequence.start(self.model, prefix)
-            embeds = [self._region_block(suffix_ids, mask_tok, pos_tok, group)]
-            branches, positions = [], []
-            for r in group:
-                packed.add_branch(r)
-                branches += [r] * s
-                positions += list(range(prefix.length, prefix.length + s))
-            label_rows: list[tuple[int, int, int, int]] = []  # (region, option, first row, n tokens)
-            row = len(branches)
-            for r in group:
-                embeds.append(options_block)
-                positions += option_pos
-                for j, o_in in enumerate(inputs):
-                    b = (r + 1) * 100_000 + j
-                    packed.add_branch(b, parent=r)
-                    branches += [b] * len(o_in)
-                    label_rows.append((r, j, row, len(o_in)))
-                    row += len(o_in)
-            logits = packed.extend(self.model, torch.cat(embeds), branches, positions)
+            packed.parent = dict(layout.parent)
+            embeds = torch.cat([self._region_block(suffix_ids, mask_tok, pos_tok, group)]
+                               + [options_block] * len(group))
+            logits = packed.extend(self.model, embeds, layout.branches, layout.positions, mask=layout.mask)
             self.stats["forward_calls"] += 1
-            # Gather every needed log-prob at once: (row, target token, output slot).
-            first = {r: (i + 1) * s - 1 for i, r in enumerate(group)}  # last suffix row of each region
-            rows, targets, slots = [], [], []
-            for slot, (r, j, start, n_in) in enumerate(label_rows):
-                o_ids = options_ids[j]
-                rows += [first[r]] + list(range(start, start + n_in))
-                targets += o_ids[: n_in + 1]
-                slots += [slot] * (n_in + 1)
             logp = torch.log_softmax(logits, dim=-1)
-            picked = logp[torch.tensor(rows), torch.tensor(targets)].double().cpu()
-            totals = torch.zeros(len(label_rows), dtype=torch.float64).index_add_(0, torch.tensor(slots), picked)
-            for slot, (r, j, _, _) in enumerate(label_rows):
-                out[r, j] = float(totals[slot])
+            picked = logp[layout.rows, layout.targets].double().cpu()
+            totals = torch.zeros(len(group) * len(options), dtype=torch.float64).index_add_(0, layout.slots, picked)
+            out[group.start : group.stop] = totals.reshape(len(group), len(options)).numpy()
         return out
 
     def _classifications(self, logliks: np.ndarray, options: list[str]) -> list[Classification]:

@@ -28,11 +28,23 @@ def to_pil(image) -> Image.Image:
     raise ImageError(f"unsupported image type {type(image).__name__}")
 
 
-def image_hash(image: Image.Image) -> str:
-    """Content hash (pixels + size), the key of the engine's image cache."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{image.size}{image.mode}".encode())
-    h.update(image.tobytes())
+def image_hash(image) -> str:
+    """Content hash (pixels + size + mode), the key of the engine's image cache.
+
+    Arrays are hashed from their own buffer (no PIL round trip); an RGB array and the same pixels as a
+    PIL RGB image get the same key.
+    """
+    if isinstance(image, np.ndarray):
+        arr = np.ascontiguousarray(image)
+        if arr.ndim == 3 and arr.shape[2] == 4:
+            arr = np.ascontiguousarray(arr[..., :3])
+        size, mode, data = (arr.shape[1], arr.shape[0]), f"array{arr.dtype}{arr.shape[2:]}", arr.data
+    else:
+        image = to_pil(image)
+        size, mode, data = image.size, f"array{np.dtype(np.uint8)}{(3,)}", image.tobytes()
+    h = hashlib.sha1(usedforsecurity=False)
+    h.update(f"{size}{mode}".encode())
+    h.update(data)
     return h.hexdigest()
 
 

@@ -67,20 +67,33 @@ class PackedSequence:
         k = np.fromiter((index[b] for b in key_branches), dtype=np.int64, count=len(key_branches))
         return torch.from_numpy(anc[q][:, k]).to(device)
 
-    def extend(self, model, embeds: torch.Tensor, branches: list[int], positions: list[int]) -> torch.Tensor:
-        """Append tokens (n, hidden) of the given branches at the given absolute positions -> logits (n, vocab)."""
-        n = embeds.shape[0]
+    def attention_mask(self, branches: list[int], dtype: torch.dtype, device) -> torch.Tensor:
+        """The additive (n, prefix + old + n) mask for appending tokens of `branches`."""
+        n = len(branches)
         old = len(self.token_branch)
-        all_branches = self.token_branch + list(branches)
-        device = embeds.device
-        visible = self._visibility(list(branches), all_branches, device)
+        visible = self._visibility(list(branches), self.token_branch + list(branches), device)
         causal = torch.arange(old + n, device=device)[None, :] <= (old + torch.arange(n, device=device))[:, None]
         visible &= causal
         visible = torch.cat([torch.ones(n, self.prefix.length, dtype=torch.bool, device=device), visible], dim=1)
-        mask = torch.zeros(visible.shape, dtype=embeds.dtype, device=device)
-        mask.masked_fill_(~visible, torch.finfo(embeds.dtype).min)
-        pos = torch.tensor(positions, device=device)[None]
+        mask = torch.zeros(visible.shape, dtype=dtype, device=device)
+        return mask.masked_fill_(~visible, torch.finfo(dtype).min)
+
+    def extend(
+        self,
+        model,
+        embeds: torch.Tensor,
+        branches: list[int],
+        positions: list[int] | torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Append tokens (n, hidden) of the given branches at the given absolute positions -> logits (n, vocab).
+
+        `mask` may be a precomputed `attention_mask(branches, ...)` (the engine caches it per layout).
+        """
+        if mask is None:
+            mask = self.attention_mask(branches, embeds.dtype, embeds.device)
+        pos = torch.as_tensor(positions, device=embeds.device)[None]
         logits, self.cache = model(embeds[None], attention_mask=mask[None, None], position_ids=pos,
                                    cache=self.cache, use_cache=True)
-        self.token_branch = all_branches
+        self.token_branch = self.token_branch + list(branches)
         return logits[0]

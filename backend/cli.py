@@ -1,0 +1,159 @@
+"""The ``osprey`` command.
+
+    osprey serve    the HTTP API Label Studio calls (no model in this process)
+    osprey worker   a GPU/CPU worker: loads the model once, runs queued jobs (one per GPU)
+    osprey run      everything on one machine: the embedded Redis (unless REDIS_URL is set),
+                    one worker subprocess and the server; Ctrl-C or SIGTERM stops all three
+    osprey predict  offline prediction with the core (osprey_core.cli)
+
+Settings come from environment variables (backend/settings.py); a few have flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from backend.settings import Settings, get_settings
+
+logger = logging.getLogger("osprey")
+
+WORKER_STOP_TIMEOUT_S = 15.0  # a warm shutdown lets the running job finish
+
+
+def _setup_logging(settings: Settings) -> None:
+    from backend.auth import install_log_redaction
+
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    install_log_redaction(settings)
+
+
+def serve(settings: Settings) -> None:
+    """Run the HTTP server in this process until SIGINT/SIGTERM."""
+    import uvicorn
+
+    from backend.app import create_app
+
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
+                            log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if `osprey run` dies without cleaning up (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def start_worker_process(env: dict[str, str]) -> subprocess.Popen:
+    """`osprey worker` as a child in its own session: Ctrl-C reaches `osprey run`, which stops it."""
+    return subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"], env=env,
+                            start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float = WORKER_STOP_TIMEOUT_S) -> None:
+    """SIGTERM (RQ's warm shutdown: finish the current job), then SIGKILL after `timeout_s`."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        logger.warning("worker %d did not stop in %.0f s; killing it", process.pid, timeout_s)
+        process.kill()
+        process.wait()
+
+
+class _Stop(Exception):
+    """Raised by the SIGTERM handler of `osprey run` so that cleanup runs."""
+
+
+def _raise_stop(signum: int, frame: Any) -> None:
+    raise _Stop()
+
+
+def run_all(settings: Settings) -> None:
+    """Embedded Redis (unless REDIS_URL) + one worker subprocess + the server, stopped together."""
+    from backend.redis_conn import EmbeddedRedis
+
+    # uvicorn restores this handler after its own shutdown and re-raises SIGTERM into it,
+    # so cleanup below always runs; Ctrl-C arrives as KeyboardInterrupt the same way.
+    signal.signal(signal.SIGTERM, _raise_stop)
+    embedded = None
+    worker = None
+    try:
+        if settings.redis_url:
+            url = settings.redis_url
+        else:
+            embedded = EmbeddedRedis(settings.model_dir).start()
+            url = embedded.url
+        worker = start_worker_process({**os.environ, "REDIS_URL": url})
+        logger.info("worker process %d started; serving on http://%s:%d", worker.pid, settings.host, settings.port)
+        serve(settings.model_copy(update={"redis_url": url}))
+    except (KeyboardInterrupt, _Stop):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # cleanup is bounded; do not abort it halfway
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        logger.info("shutting down")
+        if worker is not None:
+            stop_process(worker)
+        if embedded is not None:
+            embedded.stop()
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="osprey", description="Osprey region labels behind Label Studio.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in (("serve", "run the HTTP API (Label Studio's ML backend URL)"),
+                            ("run", "embedded Redis + one worker + the HTTP API, in one command")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--host", help="bind address (HOST, default 0.0.0.0)")
+        p.add_argument("--port", type=int, help="port (PORT, default 9090)")
+    p = sub.add_parser("worker", help="load the model once and run queued prediction jobs")
+    p.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    p.add_argument("--name", help="worker name (default osprey-<host>-<pid>)")
+    sub.add_parser("predict", help="offline prediction with the core (see `osprey predict --help`)", add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] == "predict":
+        from osprey_core.cli import predict_main  # lazy: the core (torch) only for this command
+
+        return int(predict_main(args_list[1:]) or 0)
+
+    args = _build_parser().parse_args(args_list)
+    settings = get_settings()
+    overrides = {k: v for k, v in (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None)))
+                 if v is not None}
+    if overrides:
+        settings = settings.model_copy(update=overrides)
+    _setup_logging(settings)
+
+    try:
+        if args.command == "serve":
+            serve(settings)
+        elif args.command == "worker":
+            from backend.worker import run_worker
+
+            run_worker(settings, burst=args.burst, name=args.name)
+        elif args.command == "run":
+            run_all(settings)
+    except KeyboardInterrupt:  # Ctrl-C after a clean shutdown (uvicorn re-raises it), or during start-up
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""``osprey worker``: one process per GPU that holds the model and runs prediction jobs from Redis.
+
+Why a SimpleWorker: RQ's default worker forks a work horse per job, which would either reload the model per
+job or inherit a CUDA context across fork ("Cannot re-initialize CUDA in forked subprocess"). A
+SimpleWorker runs jobs in its own process, so the model is loaded once and stays on the GPU; the engine's
+image-encoding cache (keyed by image content) then lets consecutive jobs on the same image -- the regions
+an annotator draws one after another -- share one image encoding.
+
+What RQ's SimpleWorker (rq 3.0) lacks, and this class adds:
+- *Heartbeats during a job.* A SimpleWorker registers a running job for ``timeout + 60`` s and never
+  refreshes it, so a killed worker's job would wait minutes to be noticed (and RQ's cleanup of such jobs
+  runs in its maintenance pass: every 10 minutes, and only between jobs or after a 405 s idle wait). Here a thread refreshes the
+  job's StartedJobRegistry entry every OSPREY_WORKER_HEARTBEAT_S with a TTL of three beats.
+- *A reaper.* Every beat, one worker (a Redis lock) runs ``JobQueue.reap``: expired entries of dead workers
+  are retried on another worker (RQ's StartedJobRegistry cleanup + ``Retry``), and jobs lost between
+  dequeue and start are re-queued.
+- *Model reload.* Before each job the worker compares the model source announced in Redis
+  (``<prefix>:model:source``, written by promotion) with what it holds, and reloads when it changed;
+  it re-announces what it serves every beat, so /setup knows the version even after a Redis restart.
+- *Redis outages.* Reconnection waits at most 2 s between tries; if RQ's loop gives up, a new worker
+  object takes over with the same loaded model.
+
+Test-only hook: OSPREY_TEST_JOB_DELAY_S (read once at start, default 0) sleeps that long at the start of
+every job, after the job is registered as started, so fault tests can SIGKILL a worker mid-job. Nothing
+else in this module behaves differently under test.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq.job import Job
+from rq.queue import Queue
+from rq.serializers import JSONSerializer
+from rq.worker import SimpleWorker
+
+from backend import jobs
+from backend.queue import JobQueue
+from backend.writeback import WriteBack
+
+logger = logging.getLogger(__name__)
+
+TEST_DELAY_ENV = "OSPREY_TEST_JOB_DELAY_S"
+
+
+class WorkerRuntime:
+    """What jobs need in the worker process: the engine (loaded once), media fetcher, queue, write-back."""
+
+    def __init__(self, settings: Any, connection: Redis, name: str, loader: Any = None):
+        from backend.media import MediaFetcher
+
+        self.settings = settings
+        self.connection = connection
+        self.name = name
+        self.queue = JobQueue(connection, settings)
+        self.media = MediaFetcher(settings)
+        self.engine: Any = None
+        self.refiner: Any = None  # SAM, when SAM_CHECKPOINT is set: boxes and clicks become object masks
+        self.source: str | None = None
+        self._failed_source: str | None = None
+        self._loader = loader
+        self._writeback: WriteBack | None = None
+
+    def _load_engine(self, source: str) -> Any:
+        if self._loader is not None:
+            return self._loader(source)
+        from osprey_core import load_engine
+
+        s = self.settings
+        return load_engine(source, device=s.osprey_device, dtype=s.osprey_dtype, max_new_tokens=s.osprey_max_new_tokens)
+
+    def load(self, source: str) -> None:
+        started = time.perf_counter()
+        engine = self._load_engine(source)
+        if self.refiner is None and self.settings.sam_checkpoint is not None:
+            from osprey_core.sam import build_refiner
+
+            s = self.settings
+            self.refiner = build_refiner(s.sam_checkpoint, s.sam_model_type, s.osprey_device)
+        previous, self.engine, self.source = self.engine, engine, source
+        if previous is not None:
+            del previous
+            gc.collect()
+            _empty_cuda_cache()
+        self.announce()
+        logger.info("worker %s serves %s (version %s), loaded in %.1f s", self.name, source,
+                    engine.model_version, time.perf_counter() - started)
+
+    def refresh_model(self) -> None:
+        """Load the announced model source if it differs from the one held (a promotion happened)."""
+        wanted = self.queue.wanted_model_source(self.settings.osprey_model)
+        if wanted == self.source or wanted == self._failed_source:
+            return
+        try:
+            self.load(wanted)
+            self._failed_source = None
+        except Exception:
+            if self.engine is None:
+                raise
+            self._failed_source = wanted
+            logger.exception("could not load announced model %r; keeping %r", wanted, self.source)
+
+    def announce(self) -> None:
+        if self.engine is not None and self.source is not None:
+            self.queue.record_loaded_model(self.source, self.engine.model_version, self.name)
+
+    def writeback(self) -> WriteBack:
+        if self._writeback is None:
+            url, key = self.settings.label_studio_url, self.settings.label_studio_api_key
+            if not url or key is None:
+                raise RuntimeError("write-back needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY on the worker")
+            from backend.ls_client import LabelStudioClient
+
+            self._writeback = WriteBack(self.queue, lambda: LabelStudioClient.from_settings(self.settings))
+        return self._writeback
+
+
+def _empty_cuda_cache() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class OspreyWorker(SimpleWorker):
+    """A SimpleWorker with job heartbeats, a reaper thread and model reload (see the module docstring)."""
+
+    max_connection_wait_time = 2.0  # seconds between reconnection tries when Redis is down
+
+    def __init__(self, queues: list[Queue], runtime: WorkerRuntime, heartbeat_s: int,
+                 test_job_delay_s: float = 0.0, **kwargs: Any):
+        super().__init__(queues, serializer=JSONSerializer, job_monitoring_interval=heartbeat_s, **kwargs)
+        self.runtime = runtime
+        self.heartbeat_s = max(1, int(heartbeat_s))
+        self.test_job_delay_s = test_job_delay_s
+        self.stopping = False
+        self._reaper_stop = threading.Event()
+
+    def request_stop(self, signum: Any, frame: Any) -> None:
+        """SIGINT/SIGTERM: RQ's warm shutdown (finish the running job), and no restart afterwards."""
+        self.stopping = True
+        super().request_stop(signum, frame)
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        """A running job's registry entry lives three beats; the beat thread keeps it alive."""
+        return 3 * self.heartbeat_s
+
+    def perform_job(self, job: Job, queue: Queue, execution: Any) -> bool:
+        stop = threading.Event()
+        beat = threading.Thread(target=self._beat, args=(job, execution, stop), daemon=True,
+                                name="osprey-heartbeat")
+        beat.start()
+        try:
+            try:
+                self.runtime.queue.count_run(job.id)
+                self.runtime.refresh_model()
+            except RedisError:
+                logger.warning("could not check the announced model version; keeping %s", self.runtime.source)
+            if self.test_job_delay_s:
+                time.sleep(self.test_job_delay_s)
+            return super().perform_job(job, queue, execution)
+        finally:
+            stop.set()
+            beat.join()
+
+    def _beat(self, job: Job, execution: Any, stop: threading.Event) -> None:
+        started = time.monotonic()
+        while not stop.wait(self.heartbeat_s):
+            if job.timeout and job.timeout > 0 and time.monotonic() - started > job.timeout + 60:
+                logger.error("job %s runs past its timeout; no more heartbeats, another worker will retry it", job.id)
+                return
+            try:
+                self.maintain_heartbeats(job, execution)
+            except RedisError as exc:
+                logger.warning("heartbeat of job %s failed: %s", job.id, exc)
+
+    def start_reaper(self) -> None:
+        thread = threading.Thread(target=self._reap_loop, daemon=True, name="osprey-reaper")
+        thread.start()
+
+    def stop_reaper(self) -> None:
+        self._reaper_stop.set()
+
+    def _reap_loop(self) -> None:
+        redis_down = False
+        while not self._reaper_stop.wait(self.heartbeat_s):
+            try:
+                self.runtime.announce()
+                self.runtime.queue.reap(lost_grace_s=2 * self.heartbeat_s)
+                if redis_down:
+                    logger.info("reaper: Redis is back")
+                redis_down = False
+            except RedisError as exc:
+                if not redis_down:  # once per outage, not every beat
+                    logger.warning("reaper: Redis unavailable (%s)", exc)
+                redis_down = True
+            except Exception:
+                logger.exception("reaper pass failed")
+
+
+def run_worker(settings: Any, burst: bool = False, name: str | None = None) -> None:
+    """Load the model once, then serve the interactive queue before the batch queue until stopped."""
+    from backend.redis_conn import connect, redis_url
+
+    connection = connect(redis_url(settings))
+    base_name = name or f"osprey-{socket.gethostname()}-{os.getpid()}"
+    runtime = WorkerRuntime(settings, connection, base_name)
+    runtime.load(runtime.queue.init_model_source(settings.osprey_model))
+    jobs.set_runtime(runtime)
+    delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
+    if delay:
+        logger.warning("%s=%s: every job sleeps first (test hook)", TEST_DELAY_ENV, delay)
+
+    while True:
+        worker = None
+        try:
+            worker = OspreyWorker(runtime.queue.ordered_queues(), runtime=runtime,
+                                  heartbeat_s=settings.osprey_worker_heartbeat_s, test_job_delay_s=delay,
+                                  connection=connection, name=f"{base_name}-{uuid.uuid4().hex[:6]}")
+            worker.start_reaper()
+            worker.work(burst=burst, logging_level=settings.log_level.upper(), with_scheduler=False)
+        except RedisError as exc:
+            logger.warning("Redis unavailable (%s)", exc)
+        finally:
+            if worker is not None:
+                worker.stop_reaper()
+        if burst or (worker is not None and worker.stopping):
+            return
+        # RQ's loop quits on errors such as a Redis outage in the middle of a job: start over, model kept.
+        logger.warning("worker loop ended unexpectedly; restarting in 1 s")
+        time.sleep(1.0)

@@ -1,0 +1,295 @@
+"""Interactive latency through HTTP + Redis queue + worker, against the engine alone on the same inputs.
+
+What runs: `osprey serve` and `osprey worker` subprocesses (tiny model, CPU) on a fresh key prefix of a
+real Redis; a client POSTs interactive /predict requests exactly as Label Studio sends them (one
+RectangleLabels region per request, every request a different box, so none is deduplicated).
+
+    e2e      wall time of one /predict as the client sees it (sequential requests, keep-alive)
+    engine   `predict_regions(engine, image, plan, regions)` in this process for the same request
+             (the worker's compute: classification + attribute; image decoding excluded, as the
+             worker's media cache and the engine's image cache are warm in both cases)
+    overhead e2e - engine, paired per request: HTTP, parsing, Redis enqueue, RQ dequeue and
+             bookkeeping, publish, wake-up of the waiting request, JSON
+
+Throughput: `--concurrency` clients, with 1 then 2 workers (each worker gets cores/workers torch threads).
+Redis: `--redis-url` / REDIS_URL (default the local 127.0.0.1:6379); when that does not answer, the
+embedded Redis is started in a temporary directory.
+
+    python bench/backend_latency.py                  # table
+    python bench/backend_latency.py --json
+    python bench/backend_latency.py --redis-url redis://127.0.0.1:6379/0 --requests 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+W, H = 640, 480
+LABELS = ["person", "car", "dog", "cat", "bicycle", "bus", "truck", "tree", "building", "bird"]
+CONFIG = (
+    '<View><Image name="image" value="$image"/>'
+    '<RectangleLabels name="rect" toName="image" smart="true">'
+    + "".join(f'<Label value="{label}"/>' for label in LABELS)
+    + "</RectangleLabels>"
+    '<Choices name="color" toName="image" perRegion="true">'
+    '<Choice value="red"/><Choice value="green"/><Choice value="blue"/><Choice value="other"/></Choices>'
+    "</View>"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def box(i: int) -> dict:
+    """The i-th distinct rectangle, as Label Studio serializes a smart RectangleLabels region."""
+    rng = np.random.default_rng(i)
+    x, y = float(rng.uniform(0, 70)), float(rng.uniform(0, 70))
+    w, h = float(rng.uniform(5, 30)), float(rng.uniform(5, 30))
+    return {"original_width": W, "original_height": H, "image_rotation": 0,
+            "value": {"x": x, "y": y, "width": w, "height": h, "rotation": 0, "rectanglelabels": ["car"]},
+            "id": f"b{i}", "from_name": "rect", "to_name": "image", "type": "rectanglelabels", "origin": "manual"}
+
+
+def body(i: int) -> dict:
+    task = {"id": 1, "data": {"image": "/data/local-files/?d=img.png"}, "annotations": [], "predictions": []}
+    return {"tasks": [task], "project": "1.1", "label_config": CONFIG,
+            "params": {"login": None, "password": None, "context": {"result": [box(i)]}}}
+
+
+class Deployment:
+    def __init__(self, redis_url: str, workdir: Path):
+        self.workdir = workdir
+        self.prefix = f"bench-{uuid.uuid4().hex[:8]}"
+        self.port = free_port()
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("OSPREY_", "BASIC_AUTH_", "LABEL_STUDIO_"))}
+        self.env = {**base, "REDIS_URL": redis_url, "OSPREY_REDIS_PREFIX": self.prefix,
+                    "LOCAL_FILES_DOCUMENT_ROOT": str(workdir), "MODEL_DIR": str(workdir / "data"),
+                    "LOG_LEVEL": "WARNING", "OSPREY_INTERACTIVE_TIMEOUT_S": "120"}
+        self.procs: list[subprocess.Popen] = []
+        self.workers: list[subprocess.Popen] = []
+        self.redis_url = redis_url
+
+    def spawn(self, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.workdir / f"{args[0]}{len(self.procs)}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen([sys.executable, "-m", "backend.cli", *args], cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def start_server(self) -> None:
+        self.spawn(["serve", "--host", "127.0.0.1", "--port", str(self.port)], self.env)
+        self._wait(lambda: httpx.get(f"{self.url}/health", timeout=1).status_code == 200, "server")
+
+    def start_worker(self, threads: int) -> None:
+        import redis
+
+        r = redis.Redis.from_url(self.redis_url)
+        key = f"rq:workers:{self.prefix}:interactive"
+        before = r.scard(key)
+        env = {**self.env, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        self.workers.append(self.spawn(["worker", "--name", f"{self.prefix}-w{len(self.workers)}"], env))
+        self._wait(lambda: r.scard(key) > before, "worker")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _wait(self, predicate, what: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if predicate():
+                    return
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{what} did not come up; logs in {self.workdir}")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        import redis
+
+        r = redis.Redis.from_url(self.redis_url)
+        for name in r.smembers("rq:workers"):
+            if self.prefix in name.decode():
+                r.srem("rq:workers", name)
+        for name in r.smembers("rq:queues"):
+            if f"rq:queue:{self.prefix}:" in name.decode():
+                r.srem("rq:queues", name)
+        keys = list(r.scan_iter(f"{self.prefix}*")) + list(r.scan_iter(f"rq:*{self.prefix}*"))
+        if keys:
+            r.delete(*keys)
+
+
+def _reachable(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def post(client: httpx.Client, i: int) -> float:
+    started = time.perf_counter()
+    response = client.post("/predict", json=body(i))
+    elapsed = time.perf_counter() - started
+    if response.status_code != 200:
+        raise RuntimeError(f"/predict answered {response.status_code}: {response.text}")
+    return elapsed
+
+
+def engine_times(indices: list[int], image_path: Path, repeats: int = 1) -> dict[int, float]:
+    """The worker's computation for each request, in this process, with the same tiny model."""
+    from backend.inference import predict_regions
+    from backend.labelconfig import parse_label_config
+    from backend.ls_regions import parse_context
+    from osprey_core import load_engine
+
+    engine = load_engine("tiny", device="cpu", max_new_tokens=64)
+    plan = parse_label_config(CONFIG)
+    image = Image.open(image_path).convert("RGB")
+    predict_regions(engine, image, plan, parse_context({"result": [box(10**9)]}, plan))  # warm the image cache
+    out = {}
+    for i in indices:
+        regions = parse_context({"result": [box(i)]}, plan)
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            predict_regions(engine, image, plan, regions)
+            best = min(best, time.perf_counter() - started)
+        out[i] = best
+    return out
+
+
+def throughput(url: str, first: int, count: int, concurrency: int) -> float:
+    with httpx.Client(base_url=url, timeout=300) as client:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(lambda i: post(client, i), range(first, first + count)))
+        return count / (time.perf_counter() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--requests", type=int, default=200, help="sequential requests for the latency figures")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--concurrency", type=int, default=8, help="clients for the throughput figures")
+    parser.add_argument("--throughput-requests", type=int, default=200)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+
+    workdir = Path(tempfile.mkdtemp(prefix="osprey-bench-"))
+    rng = np.random.default_rng(0)
+    image_path = workdir / "img.png"
+    Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(image_path)
+
+    embedded = None
+    redis_url = args.redis_url
+    if not _reachable(redis_url):  # no Redis here: use the project's embedded one, as `osprey run` does
+        from backend.redis_conn import EmbeddedRedis
+
+        embedded = EmbeddedRedis(workdir / "data").start()
+        redis_url = embedded.url
+    deployment = Deployment(redis_url, workdir)
+    try:
+        deployment.start_worker(threads=cores)
+        deployment.start_server()
+        indices = list(range(args.requests))
+        with httpx.Client(base_url=deployment.url, timeout=120) as client:
+            for i in range(args.warmup):
+                post(client, 1_000_000 + i)
+            e2e = {i: post(client, i) for i in indices}
+        engine = engine_times(indices, image_path)
+        overhead = [e2e[i] - engine[i] for i in indices]
+
+        rates = {1: throughput(deployment.url, 2_000_000, args.throughput_requests, args.concurrency)}
+        deployment.workers[0].send_signal(signal.SIGTERM)
+        deployment.workers[0].wait(timeout=30)
+        deployment.start_worker(threads=max(1, cores // 2))
+        deployment.start_worker(threads=max(1, cores // 2))
+        throughput(deployment.url, 2_500_000, args.warmup, args.concurrency)
+        rates[2] = throughput(deployment.url, 3_000_000, args.throughput_requests, args.concurrency)
+    except BaseException:
+        deployment.stop()
+        if embedded is not None:
+            embedded.stop()
+        print(f"benchmark failed; server and worker logs are in {workdir}", file=sys.stderr)
+        raise
+    deployment.stop()
+    if embedded is not None:
+        embedded.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+    ms = 1000.0
+    result = {
+        "machine": {"cpus": cores, "platform": platform.platform(), "python": platform.python_version(),
+                    "gpu": None},
+        "model": "tiny (CPU, fp32)",
+        "redis": "embedded" if embedded is not None else redis_url,
+        "requests": args.requests,
+        "latency_ms": {
+            "e2e": {"p50": percentile(list(e2e.values()), 50) * ms, "p99": percentile(list(e2e.values()), 99) * ms},
+            "engine": {"p50": percentile(list(engine.values()), 50) * ms,
+                       "p99": percentile(list(engine.values()), 99) * ms},
+            "overhead": {"p50": percentile(overhead, 50) * ms, "p99": percentile(overhead, 99) * ms,
+                         "mean": statistics.fmean(overhead) * ms},
+        },
+        "throughput_rps": {f"{w}_worker{'s' if w > 1 else ''}": rates[w] for w in sorted(rates)},
+        "concurrency": args.concurrency,
+        "target_overhead_p50_ms": 15.0,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    lat = result["latency_ms"]
+    print(f"interactive /predict, tiny model on CPU ({cores} cores), {args.requests} sequential requests")
+    print(f"{'':<28}{'p50 ms':>10}{'p99 ms':>10}")
+    print(f"{'HTTP + queue + worker':<28}{lat['e2e']['p50']:>10.1f}{lat['e2e']['p99']:>10.1f}")
+    print(f"{'engine alone':<28}{lat['engine']['p50']:>10.1f}{lat['engine']['p99']:>10.1f}")
+    print(f"{'overhead (paired)':<28}{lat['overhead']['p50']:>10.1f}{lat['overhead']['p99']:>10.1f}"
+          f"   (target p50 <= 15 ms)")
+    print(f"throughput, {args.concurrency} concurrent clients: "
+          + ", ".join(f"{k.replace('_', ' ')}: {v:.1f} req/s" for k, v in result["throughput_rps"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
