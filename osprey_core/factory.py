@@ -14,6 +14,9 @@ from .errors import CheckpointError, ConfigError
 from .modeling import OspreyForCausalLM
 
 DEFAULT_SEED = 0
+# Preset names whose weights are published: `load_engine("osprey-7b")` means the released checkpoint
+# (downloaded when the machine has internet); `build_model("osprey-7b")` gives random weights.
+OFFICIAL_WEIGHTS = {"osprey-7b": "sunshine-lwt/Osprey-7b", "osprey-chat-7b": "sunshine-lwt/Osprey-Chat-7b"}
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
@@ -109,10 +112,7 @@ def load_model(
     from .config import PRESETS
     from .tokenizer import build_tiny_tokenizer, load_tokenizer
 
-    source = str(source)
-    if source == "osprey-7b":
-        raise ConfigError("the osprey-7b preset has no weights here: use build_model('osprey-7b', ...) for "
-                          "random weights, or point at a checkpoint directory / repo id")
+    source = OFFICIAL_WEIGHTS.get(str(source), str(source))
     if source in PRESETS:
         model = build_model(source, device=device, dtype=dtype)
         return model, build_tiny_tokenizer(model.cfg.text.vocab_size), model.cfg

@@ -471,3 +471,20 @@ def test_has_tokenizer(tmp_path):
 def test_write_official_layout_rejects_unknown_format(tmp_path):
     with pytest.raises(ValueError, match="fmt"):
         write_official_layout({"a": torch.zeros(1)}, tmp_path, fmt="npz")
+
+
+def test_osprey_7b_name_means_the_released_weights(monkeypatch):
+    """`load_engine("osprey-7b")` resolves to the official repo id (no network here: resolution is stubbed)."""
+    from osprey_core import factory
+
+    seen = []
+
+    def fake_resolve(source):
+        seen.append(source)
+        raise CheckpointError("stop here")
+
+    monkeypatch.setattr(checkpoint, "resolve_source", fake_resolve)
+    for name, repo in [("osprey-7b", "sunshine-lwt/Osprey-7b"), ("osprey-chat-7b", "sunshine-lwt/Osprey-Chat-7b")]:
+        with pytest.raises(CheckpointError, match="stop here"):
+            factory.load_model(name)
+        assert seen[-1] == repo
