@@ -228,6 +228,8 @@ class RegionEngine:
         """(Q, L) log-likelihood of each option (then `</s>`) as the answer to `question` about each region."""
         if not options:
             raise ValueError("at least one candidate label is needed")
+        if len(regions) == 0:
+            return np.zeros((0, len(options)))
         enc = self.encode(image)
         text, ids, prefix_ids, suffix_ids = self._prompt(question)
         options_ids = [self._option_ids(text, ids, o) for o in options]
@@ -295,6 +297,8 @@ class RegionEngine:
     def generate(self, image, regions, question: str, max_new_tokens: int | None = None) -> list[str]:
         """Greedy answers to `question` (one `<mask><pos>`) for every region, decoded together."""
         cap = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if len(regions) == 0:
+            return []
         enc = self.encode(image)
         _, _, prefix_ids, suffix_ids = self._prompt(question)
         mask_tok, pos_tok = self._region_tokens(enc, regions)

@@ -96,3 +96,16 @@ def test_bad_inputs_are_clear_errors(engine, image, masks):
         engine.classify(image, masks[:1], [])
     with pytest.raises(ValueError, match="detail"):
         engine.describe(image, masks[:1], detail="long")
+
+
+def test_no_regions_and_large_or_duplicate_label_sets(engine, image, masks):
+    assert engine.classify(image, [], LABELS) == []
+    assert engine.describe(image, [], max_new_tokens=2) == []
+    assert engine.attributes(image, [], {"color": ["red"]}) == []
+    many = [f"label {i}" for i in range(150)]
+    res = engine.classify(image, masks[:2], many)
+    assert len(res[0].scores) == 150 and abs(sum(res[0].scores.values()) - 1) < 1e-6
+    plain = plain_option_logliks(engine.model, engine.tokenizer, image, masks[1], conv.category_question(), many[:5])
+    np.testing.assert_allclose([res[1].logprobs[m] for m in many[:5]], plain, atol=1e-4, rtol=0)
+    dup = engine.classify(image, masks[:1], ["cat", "dog", "cat"])[0]
+    assert list(dup.scores) == ["cat", "dog"]
