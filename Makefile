@@ -2,8 +2,13 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Label Studio for the end-to-end tests (tests/e2e), in a virtualenv of its own: it pins Django,
+# label-studio-sdk and more, which must not mix with the project's dependencies.
+LS_VERSION := 1.23.2
+LS_VENV := .venv-ls
+LS_STAMP := $(LS_VENV)/.installed-$(LS_VERSION)
 
-.PHONY: install test lint run bench clean
+.PHONY: install install-ls test lint run bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -11,9 +16,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+$(LS_STAMP):
+	test -x $(LS_VENV)/bin/python || $(PY) -m venv $(LS_VENV) || python3 -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install -q --upgrade pip
+	$(LS_VENV)/bin/pip install -q label-studio==$(LS_VERSION)
+	touch $(LS_STAMP)
+
 install: $(STAMP)
 
-test: $(STAMP)
+install-ls: $(LS_STAMP)
+
+test: $(STAMP) $(LS_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
@@ -28,4 +41,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/backend_latency.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(LS_VENV) .pytest_cache .ruff_cache *.egg-info
