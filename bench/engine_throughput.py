@@ -101,7 +101,7 @@ def main() -> None:
         n_plain = min(k, args.plain_max_regions)
 
         def run_engine(image=image, masks=masks):
-            engine._images.clear()
+            engine.clear_caches()
             engine.classify(image, masks, labels)
 
         def run_plain(image=image, masks=masks[:n_plain]):

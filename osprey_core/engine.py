@@ -44,9 +44,9 @@ class _ScoreLayout:
 
 @dataclass
 class _Encoded:
+    key: str  # content hash
     features: ImageFeatures
     size: tuple[int, int]  # (width, height)
-    prefixes: OrderedDict = field(default_factory=OrderedDict)  # prefix ids -> PrefixState
 
 
 def region_masks(regions, size: tuple[int, int]) -> np.ndarray:
@@ -78,7 +78,7 @@ class RegionEngine:
         tokenizer,
         model_version: str,
         image_cache_size: int = 8,
-        prefix_cache_size: int = 4,
+        prefix_cache_size: int | None = None,
         max_new_tokens: int = 64,
         max_packed_tokens: int | None = None,
     ):
@@ -86,7 +86,11 @@ class RegionEngine:
         self.tokenizer = tokenizer
         self.model_version = model_version
         self.image_cache_size = image_cache_size
+        # Prefix KV caches are the big entries (~0.56 GB each on the 7B in bf16): one bound for all images.
+        if prefix_cache_size is None:
+            prefix_cache_size = 4 if model.device.type == "cuda" else 16
         self.prefix_cache_size = prefix_cache_size
+        self._prefixes: OrderedDict[tuple[str, tuple[int, ...]], PrefixState] = OrderedDict()
         self.max_new_tokens = max_new_tokens
         # Packed tokens per forward: attention is quadratic in it, so CPUs want small packs and GPUs
         # large ones (fewer launches); results do not depend on it (tested).
@@ -105,6 +109,11 @@ class RegionEngine:
 
     # --- caches ----------------------------------------------------------------------------------------
 
+    def clear_caches(self) -> None:
+        """Forget encoded images and prefix KV caches (e.g. after new weights were loaded in place)."""
+        self._images.clear()
+        self._prefixes.clear()
+
     @torch.inference_mode()
     def encode(self, image) -> _Encoded:
         key = image_hash(image)
@@ -115,7 +124,7 @@ class RegionEngine:
         pixels = preprocess(pil, self.model.cfg.vision).to(
             self.device, self.model.model.vision_tower.trunk.stem[0].weight.dtype
         )
-        enc = _Encoded(features=self.model.encode_images(pixels[None])[0], size=pil.size)
+        enc = _Encoded(key=key, features=self.model.encode_images(pixels[None])[0], size=pil.size)
         self.stats["image_encodes"] += 1
         self._images[key] = enc
         while len(self._images) > self.image_cache_size:
@@ -123,16 +132,16 @@ class RegionEngine:
         return enc
 
     def _prefix(self, enc: _Encoded, prefix_ids: list[int]) -> PrefixState:
-        key = tuple(prefix_ids)
-        if key in enc.prefixes:
-            enc.prefixes.move_to_end(key)
-            return enc.prefixes[key]
+        key = (enc.key, tuple(prefix_ids))
+        if key in self._prefixes:
+            self._prefixes.move_to_end(key)
+            return self._prefixes[key]
         embeds = self.model.splice(torch.tensor(prefix_ids), enc.features.tokens, None, None)
         state = run_prefix(self.model, embeds)
         self.stats["prefix_fills"] += 1
-        enc.prefixes[key] = state
-        while len(enc.prefixes) > self.prefix_cache_size:
-            enc.prefixes.popitem(last=False)
+        self._prefixes[key] = state
+        while len(self._prefixes) > self.prefix_cache_size:
+            self._prefixes.popitem(last=False)
         return state
 
     def _prompt(self, question: str) -> tuple[str, list[int], list[int], list[int]]:

@@ -109,3 +109,20 @@ def test_no_regions_and_large_or_duplicate_label_sets(engine, image, masks):
     np.testing.assert_allclose([res[1].logprobs[m] for m in many[:5]], plain, atol=1e-4, rtol=0)
     dup = engine.classify(image, masks[:1], ["cat", "dog", "cat"])[0]
     assert list(dup.scores) == ["cat", "dog"]
+
+
+def test_prefix_cache_is_bounded_across_images(engine, masks):
+    from tests.conftest import synthetic_image
+
+    old = engine.prefix_cache_size
+    engine.prefix_cache_size = 2
+    try:
+        for seed in range(4):
+            engine.classify(synthetic_image(seed=200 + seed), masks[:1], ["a", "b"])
+        assert len(engine._prefixes) == 2
+        engine.clear_caches()
+        before = engine.stats["prefix_fills"]
+        engine.classify(synthetic_image(seed=203), masks[:1], ["a", "b"])
+        assert engine.stats["prefix_fills"] == before + 1
+    finally:
+        engine.prefix_cache_size = old
