@@ -67,7 +67,8 @@ def timed(fn, device, repeats: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--random-weights", action="store_true", help="(7B) random weights of the real shapes")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="random weights of the preset's real shapes (required for osprey-7b; tiny is always random)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--regions", default="1,4,16,64")
@@ -78,6 +79,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
+    if args.preset != "tiny" and not args.random_weights:
+        ap.error(f"--preset {args.preset} has no weights here: pass --random-weights (same shapes, same cost)")
     device = torch.device(args.device)
     torch.set_grad_enabled(False)
     model = build_model(args.preset, device=device, dtype=args.dtype)
