@@ -55,9 +55,11 @@ def build_model(
         with torch.device("meta"):
             model = OspreyForCausalLM(cfg)
     elif device.type != "cpu":
-        # Large models: shapes on meta, memory straight on the device, then a cheap random init there.
+        # Large models: shapes on meta, cast there, memory straight on the device in its final dtype
+        # (the 7B never exists in fp32 on the GPU), then a cheap random init there.
         with torch.device("meta"):
             model = OspreyForCausalLM(cfg)
+        cast_model(model, parse_dtype(dtype, device))
         model.to_empty(device=device)
         random_init_(model, seed if seed is not None else DEFAULT_SEED)
         materialize_buffers(model)
