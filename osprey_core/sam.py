@@ -294,29 +294,10 @@ class SamProposer:
     """SAM "segment everything" for bulk auto-labeling: all object masks of an image, largest first."""
 
     def __init__(
-        self,
-        checkpoint: str | Path,
-        model_type: str | SamConfig = "vit_b",
-        device: str = "cpu",
-        *,
-        min_area: int = 100,
-        max_regions: int | None = None,
-        points_per_side: int = 32,
-        points_per_batch: int = 64,
-        pred_iou_thresh: float = 0.88,
-        stability_score_thresh: float = 0.95,
-        box_nms_thresh: float = 0.7,
+        self, checkpoint: str | Path, model_type: str | SamConfig = "vit_b", device: str = "cpu", **options: Any
     ) -> None:
-        self._setup(
-            load_sam(checkpoint, model_type, device),
-            min_area=min_area,
-            max_regions=max_regions,
-            points_per_side=points_per_side,
-            points_per_batch=points_per_batch,
-            pred_iou_thresh=pred_iou_thresh,
-            stability_score_thresh=stability_score_thresh,
-            box_nms_thresh=box_nms_thresh,
-        )
+        """`options`: min_area, max_regions and SamAutomaticMaskGenerator's knobs (see `_setup`)."""
+        self._setup(load_sam(checkpoint, model_type, device), **options)
 
     @classmethod
     def from_model(cls, model: Sam, **options: Any) -> SamProposer:
