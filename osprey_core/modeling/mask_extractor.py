@@ -67,23 +67,15 @@ class MaskExtractor(nn.Module):
     def forward(self, feats: dict[str, torch.Tensor], masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """feats: one image's levels, each (C,h,w); masks (Q,H,W) at image resolution.
 
-        Returns (mask_tokens, pos_tokens), each (Q, hidden) in fp32.
+        Returns (mask_tokens, pos_tokens), each (Q, hidden) in fp32: the extractor's parameters stay fp32
+        whatever the model's dtype (`factory.cast_model`).
         """
         vision_dtype = feats["res4"].dtype
         masks = masks.float()  # once: full-resolution masks are the largest tensors here
         summed = None
         for level in LEVELS:
             pooled = mask_pool(feats[level], masks)
-            proj = getattr(self, level)
-            y = F.linear(pooled, proj.weight.float(), proj.bias.float()).to(vision_dtype).float()
+            y = getattr(self, level)(pooled).to(vision_dtype).float()  # the original's rounding to the vision dtype
             summed = y if summed is None else summed + y
-        mask_tokens = F.linear(summed, self.feat_linear.weight.float(), self.feat_linear.bias.float())
-
         pos = resize_masks(masks, (self.mask_shape, self.mask_shape))
-        pos = pos.reshape(pos.shape[0], -1)
-        x = pos
-        for i, layer in enumerate(self.mask_linear.layers):
-            x = F.linear(x, layer.weight.float(), layer.bias.float())
-            if i < len(self.mask_linear.layers) - 1:
-                x = F.relu(x)
-        return mask_tokens, x
+        return self.feat_linear(summed), self.mask_linear(pos.reshape(pos.shape[0], -1))
