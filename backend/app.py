@@ -37,11 +37,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
 from backend.auth import auth_dependency, install_log_redaction, redact, webhook_dependency
-from backend.labelconfig import PredictionPlan, parse_label_config
-from backend.ls_regions import parse_context, select_regions, task_image_url
+from backend.labelstudio.config import PredictionPlan, parse_label_config
+from backend.labelstudio.regions import parse_context, select_regions, task_image_url
 from backend.metrics import Metrics
-from backend.queue import BATCH, INTERACTIVE, JobQueue, JobSpec, canonical_json
-from backend.redis_conn import QueueUnavailable, connect, redis_url
+from backend.queue.jobs import BATCH, INTERACTIVE, JobQueue, JobSpec, canonical_json
+from backend.queue.redis import QueueUnavailable, connect, redis_url
 from backend.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -427,7 +427,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/versions", dependencies=[Depends(require_auth)])
     def versions() -> dict[str, Any]:
-        queue = backend.queue()
+        queue = backend.queue.jobs()
         current = queue.current_model()
         return {"versions": queue.model_versions(), "current": current["version"] if current else None}
 

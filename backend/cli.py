@@ -83,7 +83,7 @@ def _raise_stop(signum: int, frame: Any) -> None:
 
 def run_all(settings: Settings) -> None:
     """Embedded Redis (unless REDIS_URL) + one worker subprocess + the server, stopped together."""
-    from backend.redis_conn import EmbeddedRedis
+    from backend.queue.redis import EmbeddedRedis
 
     # uvicorn restores this handler after its own shutdown and re-raises SIGTERM into it,
     # so cleanup below always runs; Ctrl-C arrives as KeyboardInterrupt the same way.
@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             serve(settings)
         elif args.command == "worker":
-            from backend.worker import run_worker
+            from backend.queue.worker import run_worker
 
             run_worker(settings, burst=args.burst, name=args.name)
         elif args.command == "run":

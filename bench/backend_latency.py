@@ -176,9 +176,9 @@ def post(client: httpx.Client, i: int) -> float:
 
 def engine_times(indices: list[int], image_path: Path, repeats: int = 1) -> dict[int, float]:
     """The worker's computation for each request, in this process, with the same tiny model."""
-    from backend.inference import predict_regions
-    from backend.labelconfig import parse_label_config
-    from backend.ls_regions import parse_context
+    from backend.labelstudio.config import parse_label_config
+    from backend.labelstudio.regions import parse_context
+    from backend.service.predict import predict_regions
     from osprey_core import load_engine
 
     engine = load_engine("tiny", device="cpu", max_new_tokens=64)
@@ -224,7 +224,7 @@ def main() -> int:
     embedded = None
     redis_url = args.redis_url
     if not _reachable(redis_url):  # no Redis here: use the project's embedded one, as `osprey run` does
-        from backend.redis_conn import EmbeddedRedis
+        from backend.queue.redis import EmbeddedRedis
 
         embedded = EmbeddedRedis(workdir / "data").start()
         redis_url = embedded.url

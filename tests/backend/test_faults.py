@@ -141,7 +141,7 @@ def test_a_crashing_job_is_retried_then_reported_instead_of_waited_on(stack):
     failure callback publishes a 502, so the waiting request answers at once instead of timing out."""
     from rq import Callback, Retry
 
-    from backend.queue import FAILURE_CALLBACK, PREDICT_FUNC, JobQueue
+    from backend.queue.jobs import FAILURE_CALLBACK, PREDICT_FUNC, JobQueue
     from backend.settings import Settings
 
     queue = JobQueue(stack.redis(), Settings(osprey_redis_prefix=stack.prefix))

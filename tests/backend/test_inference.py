@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
-from backend.inference import predict_regions
-from backend.labelconfig import parse_label_config
-from backend.ls_regions import RegionRef, parse_context, parse_results
-from backend.ls_results import prediction
+from backend.labelstudio.config import parse_label_config
+from backend.labelstudio.regions import RegionRef, parse_context, parse_results
+from backend.labelstudio.results import prediction
+from backend.service.predict import predict_regions
 from osprey_core import load_engine
 from osprey_core.errors import RegionError
 from osprey_core.regions import Region

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.labelconfig import (
+from backend.labelstudio.config import (
     Condition,
     LabelConfigError,
     PredictionPlan,

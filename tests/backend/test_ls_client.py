@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from backend.ls_client import LabelStudioAuth, LabelStudioClient, LabelStudioError
+from backend.labelstudio.client import LabelStudioAuth, LabelStudioClient, LabelStudioError
 from backend.settings import Settings
 
 LEGACY = "0123456789abcdef0123456789abcdef01234567"

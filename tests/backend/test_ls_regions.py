@@ -10,8 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from backend.labelconfig import parse_label_config
-from backend.ls_regions import (
+from backend.labelstudio.config import parse_label_config
+from backend.labelstudio.regions import (
     RegionRef,
     TaskDataError,
     parse_context,

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from backend.media import MediaError, MediaFetcher
+from backend.media.fetch import MediaError, MediaFetcher
 from backend.settings import Settings
 
 TOKEN = "0123456789abcdef0123456789abcdef01234567"

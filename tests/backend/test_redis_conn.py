@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from backend.redis_conn import EmbeddedRedis, QueueUnavailable, connect, redis_url, socket_path
+from backend.queue.redis import EmbeddedRedis, QueueUnavailable, connect, redis_url, socket_path
 from backend.settings import Settings
 
 LOCAL_REDIS = "redis://127.0.0.1:6379/15"

@@ -16,7 +16,7 @@ NOTHING_TO_PREDICT = """<View>
 
 
 def labels_of(config: str, control: str) -> set[str]:
-    from backend.labelconfig import parse_label_config
+    from backend.labelstudio.config import parse_label_config
 
     plan = parse_label_config(config)
     tool = plan.tool(control)
@@ -206,7 +206,7 @@ def test_worker_reloads_when_a_new_model_version_is_announced(stack, payloads, c
     """What model promotion does: write the new model's directory to Redis; workers reload before the next job."""
     import torch
 
-    from backend.queue import JobQueue
+    from backend.queue.jobs import JobQueue
     from backend.settings import Settings
     from osprey_core import load_engine
     from osprey_core.checkpoint import save_checkpoint

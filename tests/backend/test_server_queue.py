@@ -13,10 +13,10 @@ import redis
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from backend.ls_client import LabelStudioClient
-from backend.queue import BATCH, INTERACTIVE, JobQueue, JobSpec, error_output, ok_output
+from backend.labelstudio.client import LabelStudioClient
+from backend.labelstudio.writeback import WriteBack
+from backend.queue.jobs import BATCH, INTERACTIVE, JobQueue, JobSpec, error_output, ok_output
 from backend.settings import Settings
-from backend.writeback import WriteBack
 
 
 @pytest.fixture()
@@ -182,7 +182,7 @@ def test_write_back_never_posts_an_empty_prediction(writeback, fake_ls, queue):
 def test_a_handed_off_job_that_fails_is_recorded_not_dropped(queue):
     """RQ's failure callback after the last retry: the handed-off task is logged, counted and kept in
     <prefix>:wb:failed with the reason (its task stays without prediction, so LS asks again)."""
-    from backend.jobs import on_job_failure
+    from backend.queue.handlers import on_job_failure
 
     s = spec(queue, task_id=4242)
     queue.submit(s)
@@ -201,7 +201,7 @@ def test_a_handed_off_job_that_fails_is_recorded_not_dropped(queue):
 
 def test_a_write_back_that_keeps_failing_is_recorded(queue):
     """Label Studio unreachable through every retry of the write-back job: the task is recorded, not lost."""
-    from backend.jobs import on_writeback_failure
+    from backend.queue.handlers import on_writeback_failure
 
     predict_job_id = spec(queue, task_id=4343).job_id
     queue.enqueue_writeback(predict_job_id, 4343, "tiny-abc")

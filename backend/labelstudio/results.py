@@ -25,8 +25,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .labelconfig import CategorySource
-from .ls_regions import RegionRef
+from backend.labelstudio.config import CategorySource
+from backend.labelstudio.regions import RegionRef
 
 
 def geometry_value(ref: RegionRef) -> dict[str, Any]:

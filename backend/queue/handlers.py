@@ -1,6 +1,6 @@
 """The functions RQ workers run.
 
-RQ imports these by name (``backend.jobs.predict_job``) and calls them with one JSON payload of references:
+RQ imports these by name (``backend.queue.handlers.predict_job``) and calls them with one JSON payload of references:
 task id, image URL, region encodings and the prediction plan -- never image bytes. They run inside
 ``osprey worker`` (a SimpleWorker, no fork), which installs the loaded model with ``set_runtime`` once;
 the engine and its image-encoding cache live across jobs, so jobs on the same image share the encoding.
@@ -21,7 +21,8 @@ import logging
 import time
 from typing import Any
 
-from backend.queue import (
+from backend.labelstudio.writeback import record_undeliverable
+from backend.queue.jobs import (
     BATCH,
     ERROR_TTL_S,
     PUBLISH_LUA,
@@ -31,7 +32,6 @@ from backend.queue import (
     error_output,
     ok_output,
 )
-from backend.writeback import record_undeliverable
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,10 @@ def get_runtime() -> Any:
 
 def predict_job(payload: dict) -> dict:
     """Predict the regions of one task and publish the output (see the module docstring)."""
-    from backend.inference import predict_regions
-    from backend.labelconfig import PredictionPlan
-    from backend.ls_regions import RegionRef
-    from backend.ls_results import prediction
+    from backend.labelstudio.config import PredictionPlan
+    from backend.labelstudio.regions import RegionRef
+    from backend.labelstudio.results import prediction
+    from backend.service.predict import predict_regions
 
     rt = get_runtime()
     queue: JobQueue = rt.queue

@@ -29,10 +29,9 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from backend.labelstudio.config import GEOMETRIES, PredictionPlan
 from osprey_core.errors import RegionError
 from osprey_core.regions import MaskRefiner, Region
-
-from .labelconfig import GEOMETRIES, PredictionPlan
 
 logger = logging.getLogger(__name__)
 

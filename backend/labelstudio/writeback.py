@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from backend.queue import JobQueue, RedisKeys, canonical_json
+from backend.queue.jobs import JobQueue, RedisKeys, canonical_json
 
 logger = logging.getLogger(__name__)
 

@@ -43,9 +43,9 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker
 
-from backend import jobs
-from backend.queue import JobQueue
-from backend.writeback import WriteBack
+from backend.labelstudio.writeback import WriteBack
+from backend.queue import handlers as jobs
+from backend.queue.jobs import JobQueue
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class WorkerRuntime:
     """What jobs need in the worker process: the engine (loaded once), media fetcher, queue, write-back."""
 
     def __init__(self, settings: Any, connection: Redis, name: str, loader: Any = None):
-        from backend.media import MediaFetcher
+        from backend.media.fetch import MediaFetcher
 
         self.settings = settings
         self.connection = connection
@@ -118,7 +118,7 @@ class WorkerRuntime:
             url, key = self.settings.label_studio_url, self.settings.label_studio_api_key
             if not url or key is None:
                 raise RuntimeError("write-back needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY on the worker")
-            from backend.ls_client import LabelStudioClient
+            from backend.labelstudio.client import LabelStudioClient
 
             self._writeback = WriteBack(self.queue, lambda: LabelStudioClient.from_settings(self.settings))
         return self._writeback
@@ -210,7 +210,7 @@ class OspreyWorker(SimpleWorker):
 
 def run_worker(settings: Any, burst: bool = False, name: str | None = None) -> None:
     """Load the model once, then serve the interactive queue before the batch queue until stopped."""
-    from backend.redis_conn import connect, redis_url
+    from backend.queue.redis import connect, redis_url
 
     connection = connect(redis_url(settings))
     base_name = name or f"osprey-{socket.gethostname()}-{os.getpid()}"

@@ -30,7 +30,7 @@ from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 import httpx
 from PIL import Image, ImageOps
 
-from backend.ls_client import LabelStudioAuth, LabelStudioError
+from backend.labelstudio.client import LabelStudioAuth, LabelStudioError
 from backend.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -17,12 +17,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from backend.labelstudio.config import (
+    Attribute,
+    CategorySource,
+    Condition,
+    PredictionPlan,
+    Taxonomy,
+    TaxonomyNode,
+)
+from backend.labelstudio.regions import RegionRef, refine_regions
+from backend.labelstudio.results import RegionResults
 from osprey_core.errors import RegionError
 from osprey_core.regions import MaskRefiner
-
-from .labelconfig import Attribute, CategorySource, Condition, PredictionPlan, Taxonomy, TaxonomyNode
-from .ls_regions import RegionRef, refine_regions
-from .ls_results import RegionResults
 
 
 def predict_regions(

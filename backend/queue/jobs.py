@@ -47,10 +47,10 @@ from rq.timeouts import TimerDeathPenalty
 
 logger = logging.getLogger(__name__)
 
-PREDICT_FUNC = "backend.jobs.predict_job"
-WRITEBACK_FUNC = "backend.jobs.writeback_job"
-FAILURE_CALLBACK = "backend.jobs.on_job_failure"
-WRITEBACK_FAILURE_CALLBACK = "backend.jobs.on_writeback_failure"
+PREDICT_FUNC = "backend.queue.handlers.predict_job"
+WRITEBACK_FUNC = "backend.queue.handlers.writeback_job"
+FAILURE_CALLBACK = "backend.queue.handlers.on_job_failure"
+WRITEBACK_FAILURE_CALLBACK = "backend.queue.handlers.on_writeback_failure"
 
 INTERACTIVE = "interactive"
 BATCH = "batch"
