@@ -427,7 +427,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/versions", dependencies=[Depends(require_auth)])
     def versions() -> dict[str, Any]:
-        queue = backend.queue.jobs()
+        queue = backend.queue()
         current = queue.current_model()
         return {"versions": queue.model_versions(), "current": current["version"] if current else None}
 
