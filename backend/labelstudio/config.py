@@ -39,12 +39,14 @@ from typing import Any, Literal
 
 from lxml import etree
 
+from backend.errors import InputError
+
 # Geometry tools we turn into masks, by the lowercase tag of their plain form.
 GEOMETRIES = ("brush", "polygon", "rectangle", "ellipse", "keypoint")
 DETAIL_MARKER = "detail"
 
 
-class LabelConfigError(ValueError):
+class LabelConfigError(InputError):
     """The labeling config is not valid XML or has nothing this backend can predict."""
 
 

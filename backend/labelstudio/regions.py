@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from backend.errors import InputError
 from backend.labelstudio.config import GEOMETRIES, PredictionPlan
 from osprey_core.errors import RegionError
 from osprey_core.regions import MaskRefiner, Region
@@ -46,7 +47,7 @@ GEOMETRY_KEYS = {
 }
 
 
-class TaskDataError(ValueError):
+class TaskDataError(InputError):
     """A batch task lacks what the labeling config needs (e.g. the image URL in `task["data"]`)."""
 
 

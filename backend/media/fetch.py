@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 import httpx
 from PIL import Image, ImageOps
 
+from backend.errors import InputError
 from backend.labelstudio.client import LabelStudioAuth, LabelStudioError
 from backend.settings import Settings
 
@@ -41,7 +42,7 @@ _MAX_REDIRECTS = 3
 _HEADERS = {"Accept-Encoding": "identity"}
 
 
-class MediaError(ValueError):
+class MediaError(InputError):
     """The media of a task cannot be used; `status_code` is the HTTP status the server answers with."""
 
     def __init__(self, status_code: int, message: str) -> None:
