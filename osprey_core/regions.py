@@ -409,6 +409,29 @@ class Region:
         return cls(_ellipse_mask(cx, cy, rx, ry, theta, iw, ih), id=id)
 
     @classmethod
+    def from_ellipse(
+        cls,
+        cx: float,
+        cy: float,
+        radius_x: float,
+        radius_y: float,
+        rotation: float,
+        width: int,
+        height: int,
+        *,
+        id: str | None = None,
+    ) -> Region:
+        """Ellipse in pixel coordinates: centre, radii, `rotation` degrees clockwise about the centre
+        (CVAT's ellipse; `from_ls_ellipse` converts Label Studio percentages to these)."""
+        iw, ih = _image_dims(width, height)
+        cx, cy = _number(cx, "cx"), _number(cy, "cy")
+        rx, ry = _number(radius_x, "radius_x"), _number(radius_y, "radius_y")
+        if rx <= 0 or ry <= 0:
+            raise RegionError(f"ellipse radii must be > 0, got ({rx}, {ry})")
+        theta = math.radians(_number(rotation, "rotation") % 360)
+        return cls(_ellipse_mask(cx, cy, rx, ry, theta, iw, ih), id=id)
+
+    @classmethod
     def from_ls_keypoint(
         cls,
         x: float,
