@@ -1,0 +1,67 @@
+"""What every route of the web process shares: settings, the Redis job queue (made lazily), metrics.
+
+The web process never loads the model: it parses requests, enqueues jobs with references only and waits
+for their outputs. Adapters (Label Studio, CVAT) get this object from the app factory.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from fastapi import HTTPException
+from fastapi.responses import JSONResponse
+
+from backend.auth import redact
+from backend.metrics import Metrics
+from backend.queue.jobs import JobQueue
+from backend.queue.redis import QueueUnavailable, connect, redis_url
+from backend.settings import Settings
+
+
+class AppState:
+    """Per-app state; the Redis connection is made on first use, so the server starts while Redis is down."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.url = redis_url(settings)
+        self.metrics = Metrics()
+        self.metrics.watch_queue(self._snapshot)
+        self._queue: JobQueue | None = None
+        self._lock = threading.Lock()
+        self.last_model: dict | None = None
+
+    def queue(self) -> JobQueue:
+        if self._queue is None:
+            with self._lock:
+                if self._queue is None:
+                    self._queue = JobQueue(connect(self.url), self.settings)
+        return self._queue
+
+    def _snapshot(self) -> dict[str, Any] | None:
+        return self.queue().snapshot()
+
+    def unavailable(self, exc: Exception) -> JSONResponse:
+        if isinstance(exc, QueueUnavailable):
+            message = str(exc)
+        else:
+            message = (f"the job queue is unavailable: Redis at {redact(self.url)} does not answer "
+                       f"({type(exc).__name__}: {exc}); requests work again as soon as it is back")
+        return JSONResponse({"detail": message}, status_code=503, headers={"Retry-After": "5"})
+
+    def model_version(self, wait_s: float = 0.0) -> str:
+        """The version workers serve, as announced in Redis; waits up to `wait_s` for the first worker."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            current = self.queue().current_model()
+            if current:
+                self.last_model = current
+                return current["version"]
+            if time.monotonic() >= deadline:
+                raise HTTPException(
+                    503,
+                    "no worker has loaded a model yet: start `osprey worker` (or `osprey run`) with the same "
+                    "REDIS_URL and OSPREY_REDIS_PREFIX as this server",
+                )
+            time.sleep(0.1)
