@@ -37,6 +37,14 @@ def chat_prompt(question: str, answers: list[tuple[str, str]] | None = None, sys
     return text + f"USER: {question} ASSISTANT:"
 
 
+def training_conversation(turns: list[tuple[str, str]], system: str = SYSTEM_VICUNA_V1) -> str:
+    """A whole training sample as `conv_vicuna_v1` renders it: every answer closed by `</s>`."""
+    text = system + " "
+    for q, a in turns:
+        text += f"USER: {q} ASSISTANT: {a}</s>"
+    return text
+
+
 def category_question() -> str:
     return CATEGORY_PROMPT
 
