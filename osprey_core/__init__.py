@@ -28,17 +28,21 @@ def build_model(preset_or_config, device="cpu", dtype=None, seed: int | None = 0
 
 
 def load_engine(
-    source: str = "tiny", device: str = "cpu", dtype=None, vision_tower_file=None, **engine_kwargs
+    source: str = "tiny", device: str = "cpu", dtype=None, vision_tower_file=None, quantization=None,
+    **engine_kwargs,
 ) -> RegionEngine:
     """A preset name (`tiny`), a local checkpoint directory or a Hugging Face repo id -> RegionEngine.
 
     `vision_tower_file`: an open_clip `.bin` for checkpoints that lack the vision weights.
+    `quantization`: None, "8bit" or "4bit" (CUDA + bitsandbytes; the version names it).
     """
     from .engine import RegionEngine
     from .factory import load_model, weights_fingerprint
 
-    model, tokenizer, cfg = load_model(source, device=device, dtype=dtype, vision_tower_file=vision_tower_file)
-    return RegionEngine(model, tokenizer, model_version=f"{cfg.name}-{weights_fingerprint(model)}", **engine_kwargs)
+    model, tokenizer, cfg = load_model(source, device=device, dtype=dtype, vision_tower_file=vision_tower_file,
+                                       quantization=quantization)
+    version = f"{cfg.name}-{weights_fingerprint(model)}" + (f"-{quantization}" if quantization else "")
+    return RegionEngine(model, tokenizer, model_version=version, **engine_kwargs)
 
 
 def __getattr__(name: str):

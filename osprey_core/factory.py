@@ -109,14 +109,22 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     vision_tower_file: str | Path | None = None,
+    quantization: str | None = None,
 ):
-    """Preset name, local directory (official layout or ours) or HF repo id -> (model, tokenizer, config)."""
+    """Preset name, local directory (official layout or ours) or HF repo id -> (model, tokenizer, config).
+
+    `quantization`: None, "8bit" or "4bit" (NF4) for the LLM's linear layers (CUDA only, `quantize.py`).
+    """
     from .config import PRESETS
+    from .quantize import check_quantization, quantize_model
     from .tokenizer import build_tiny_tokenizer, load_tokenizer
 
+    quantization = check_quantization(quantization, device)  # before any weight is read
     source = OFFICIAL_WEIGHTS.get(str(source), str(source))
     if source in PRESETS:
         model = build_model(source, device=device, dtype=dtype)
+        if quantization:
+            quantize_model(model, quantization, device)
         return model, build_tiny_tokenizer(model.cfg.text.vocab_size), model.cfg
     from . import checkpoint
 
@@ -125,7 +133,11 @@ def load_model(
     with torch.device("meta"):
         model = OspreyForCausalLM(cfg)
     checkpoint.load_checkpoint(model, path, vision_tower_file=vision_tower_file)
-    cast_model(model, parse_dtype(dtype, device)).to(device).eval()
+    cast_model(model, parse_dtype(dtype, device))
+    if quantization:  # quantized on the way to the GPU: the bf16 decoder never sits in GPU memory
+        quantize_model(model, quantization, device)
+    else:
+        model.to(device).eval()
     if not checkpoint.has_tokenizer(path):
         raise CheckpointError(f"{path} has no tokenizer (tokenizer.json, tokenizer.model or tokenizer_config.json)")
     tokenizer = load_tokenizer(path)
