@@ -22,8 +22,11 @@ from backend.auth import auth_dependency, webhook_dependency
 from backend.errors import INPUT_ERRORS
 from backend.labelstudio.config import PredictionPlan, parse_label_config
 from backend.labelstudio.regions import parse_context, select_regions, task_image_url
+from backend.labelstudio.sync import enqueue_for_event
+from backend.labelstudio.webhook_setup import ensure_webhook_secret
 from backend.queue.jobs import BATCH, INTERACTIVE, JobQueue, JobSpec, canonical_json
 from backend.state import AppState
+from training.schedule import training_status
 
 logger = logging.getLogger(__name__)
 
@@ -321,6 +324,7 @@ def create_router(state: AppState) -> APIRouter:
     def setup(body: SetupRequest) -> dict[str, Any]:
         backend.plan_for(body.schema_, body.project)
         _parse_extra_params(body.extra_params)
+        ensure_webhook_secret(settings, body.project)  # background, once per project (learning loop)
         return {"model_version": state.model_version(wait_s=settings.osprey_setup_wait_s)}
 
     @router.post("/predict", dependencies=[Depends(require_auth)])
@@ -329,14 +333,21 @@ def create_router(state: AppState) -> APIRouter:
 
     @router.post("/webhook", status_code=201, dependencies=[Depends(require_webhook)])
     def webhook(event: WebhookEvent) -> dict[str, Any]:
-        entry = backend.record_event(event.model_dump())
+        raw = event.model_dump()
+        entry = backend.record_event(raw)
         logger.info("webhook %s recorded (%s)", event.action, entry)  # action: <= 64 word characters
-        return {"status": "ok", "action": event.action, "event_id": entry}
+        # The learning loop: the event triggers a sync of what it names, or a training run (START_TRAINING,
+        # whose `job` Label Studio keeps); Label Studio stays the source of truth (sync.py).
+        queue = state.queue()
+        enqueued = enqueue_for_event(queue.connection, queue.keys.prefix, slim_event(raw))
+        return {"status": "ok", "action": event.action, "event_id": entry, **enqueued}
 
     @router.get("/versions", dependencies=[Depends(require_auth)])
     def versions() -> dict[str, Any]:
         queue = state.queue()
         current = queue.current_model()
-        return {"versions": queue.model_versions(), "current": current["version"] if current else None}
+        # `training`: the last runs of the learning loop, refusals with the gate's numbers (schedule.py).
+        return {"versions": queue.model_versions(), "current": current["version"] if current else None,
+                "training": training_status(queue.connection, queue.keys.prefix)}
 
     return router
