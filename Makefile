@@ -8,7 +8,7 @@ LS_VERSION := 1.23.2
 LS_VENV := .venv-ls
 LS_STAMP := $(LS_VENV)/.installed-$(LS_VERSION)
 
-.PHONY: install install-ls test lint run bench clean
+.PHONY: install install-ls browser test lint run demo screenshots bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -24,9 +24,16 @@ $(LS_STAMP):
 
 install: $(STAMP)
 
+# Debian's chromium for the screenshot script and its smoke test (Playwright drives the system browser;
+# `playwright install` is never run). Needs root + apt; without them the smoke test skips with the reason.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium could not be installed: the screenshot smoke test will be skipped"; }
+
 install-ls: $(LS_STAMP)
 
-test: $(STAMP) $(LS_STAMP)
+test: $(STAMP) $(LS_STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
@@ -35,6 +42,12 @@ lint: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/osprey run
+
+demo: $(STAMP) $(LS_STAMP)
+	$(BIN)/osprey demo
+
+screenshots: $(STAMP) $(LS_STAMP) browser
+	$(BIN)/osprey demo --screenshots docs/images
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine_throughput.py
