@@ -293,6 +293,14 @@ def _region(example: RegionExample):
     return Region.from_coco_rle(example.rle, example.height, example.width, id=example.region_id or None)
 
 
+def _score_logits(c, labels: list[str], length_normalized: bool) -> list[float]:
+    """What the engine softmaxes (before its temperature): sequence log-likelihoods, or their
+    per-token means with `score_length_normalized` (osprey_core.engine.candidate_scores)."""
+    if length_normalized:
+        return [c.logprobs[lab] / c.token_counts[lab] for lab in labels]
+    return [c.logprobs[lab] for lab in labels]
+
+
 def evaluate(engine, examples: Sequence[RegionExample], label_space: LabelSpace, *,
              descriptions: bool = True, encoder=None, load_image: Callable[[RegionExample], Any] = _load,
              progress: Callable[[int, int], None] | None = None) -> Metrics:
@@ -313,6 +321,9 @@ def evaluate(engine, examples: Sequence[RegionExample], label_space: LabelSpace,
     rows: list[list[float]] = []
     attr_hits: dict[str, list[bool]] = defaultdict(list)
     texts: dict[str, tuple[list[str], list[str]]] = {"short": ([], []), "detailed": ([], [])}
+    cfg = getattr(getattr(engine, "model", None), "cfg", None)
+    temperature = float(getattr(cfg, "score_temperature", 1.0))
+    length_normalized = bool(getattr(cfg, "score_length_normalized", False))
     groups = _by_image(examples)
     for done, idx in enumerate(groups.values()):
         group = [examples[i] for i in idx]
@@ -323,7 +334,7 @@ def evaluate(engine, examples: Sequence[RegionExample], label_space: LabelSpace,
             res = engine.classify(image, [regions[k] for k in with_cat], labels)
             for k, c in zip(with_cat, res, strict=True):
                 gold.append(group[k].category)
-                rows.append([c.logprobs[lab] for lab in labels])
+                rows.append(_score_logits(c, labels, length_normalized))
         for name, values in label_space.attributes.items():
             asked = [k for k, e in enumerate(group) if e.attributes.get(name)]
             if not asked or not values:
@@ -340,7 +351,6 @@ def evaluate(engine, examples: Sequence[RegionExample], label_space: LabelSpace,
                     texts[detail][1].extend(getattr(group[k], detail) for k in asked)
         if progress is not None:
             progress(done + 1, len(groups))
-    temperature = float(getattr(getattr(getattr(engine, "model", None), "cfg", None), "score_temperature", 1.0))
     cls = classification_metrics(gold, np.array(rows), labels, temperature=temperature)
     desc = {d: description_metrics(p, r, encoder) for d, (p, r) in texts.items() if p}
     attrs = {name: {"n": len(h), "accuracy": float(np.mean(h))} for name, h in attr_hits.items()}
@@ -379,3 +389,32 @@ def read_metrics(path: str | os.PathLike) -> Metrics:
         return Metrics.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, TypeError) as exc:
         raise EvaluationError(f"cannot read metrics from {path}: {exc}") from exc
+
+
+def apply_temperature(model_dir: str | os.PathLike, metrics: Metrics, fitted_on: str | None = None) -> Path:
+    """Store the temperature fitted on the held-out split in a model directory's config, so the
+    version serves calibrated scores (and, the config being hashed, gets its own version id).
+
+    Our `osprey_config.json` takes `score_temperature`, `score_temperature_fitted`, `score_calibration`;
+    an official `config.json` the same keys prefixed `osprey_`. Returns the file written.
+    """
+    root = Path(model_dir)
+    calibration = {"method": "nll", "examples": metrics.n, "ece_before": metrics.ece_before,
+                   "ece_after": metrics.ece_after, "nll_before": metrics.nll_before,
+                   "nll_after": metrics.nll_after, "fitted_on": fitted_on or metrics.split_fingerprint}
+    if (root / "osprey_config.json").is_file():
+        path, prefix = root / "osprey_config.json", ""
+    elif (root / "config.json").is_file():
+        path, prefix = root / "config.json", "osprey_"
+    else:
+        raise EvaluationError(f"{root} has neither osprey_config.json nor config.json")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise EvaluationError(f"{path} is not valid JSON: {exc}") from exc
+    data.update({f"{prefix}score_temperature": float(metrics.temperature),
+                 f"{prefix}score_temperature_fitted": True, f"{prefix}score_calibration": calibration})
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+    return path

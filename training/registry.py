@@ -34,6 +34,7 @@ from typing import Any
 from .evaluate import METRICS_FILE, Metrics, write_metrics
 
 MANIFEST_FILE = "manifest.json"
+HASH_CACHE_FILE = ".osprey_sha256.json"  # osprey_core.versioning's sha256 cache: rewritable, not content
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RESERVED = {"current", "history.json", "decisions", ".staging", ".lock"}
 
@@ -76,17 +77,33 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 
 def content_version(files: Mapping[str, str], prefix: str = "osprey") -> str:
-    """Fallback version id: a hash over the model files' (path, sha256) pairs, metrics excluded.
-
-    Used only when the caller passes no id; the core's content-addressed version (issue 7) is the
-    intended id, so that the registry, job ids and Label Studio all show the same string.
-    """
+    """Fallback version id for a directory that is not a model checkpoint (no config): a hash over
+    the files' (path, sha256) pairs, metrics excluded."""
     h = hashlib.sha256()
     for rel in sorted(files):
         if rel in (METRICS_FILE, MANIFEST_FILE):
             continue
         h.update(f"{rel}\0{files[rel]}\n".encode())
     return f"{prefix}-{h.hexdigest()[:16]}"
+
+
+def _model_files(files: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    return {rel: e["sha256"] for rel, e in files.items() if rel != METRICS_FILE}
+
+
+def _core_version(directory: Path) -> str | None:
+    """The core's content-addressed version (osprey_core.versioning) of a checkpoint or adapter
+    directory: the id `load_versioned` gives the same files, so the registry, job ids and Label
+    Studio show one string. None when the directory has no model config."""
+    if not ((directory / "osprey_config.json").is_file() or (directory / "config.json").is_file()):
+        return None
+    from osprey_core.errors import OspreyError
+    from osprey_core.versioning import version_of_directory
+
+    try:
+        return version_of_directory(directory)
+    except OspreyError as exc:
+        raise RegistryError(f"cannot version the model directory: {exc}") from exc
 
 
 # --- the gate ------------------------------------------------------------------------------------------
@@ -358,21 +375,25 @@ class Registry:
                 if not f.is_file():
                     continue
                 rel = f.relative_to(src).as_posix()
-                if rel == MANIFEST_FILE or (rel == METRICS_FILE and metrics is not None):
+                if rel in (MANIFEST_FILE, HASH_CACHE_FILE) or (rel == METRICS_FILE and metrics is not None):
                     continue  # the manifest is ours to write; given metrics replace a copied file
                 dst = stage / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(f, dst)
+            if not any(stage.rglob("*")):
+                raise RegistryError(f"{src} has no files to register")
+            if version is None:  # the id covers the model files only, so metrics can be written after
+                version = _core_version(stage) or content_version(
+                    {f.relative_to(stage).as_posix(): sha256_file(f) for f in stage.rglob("*") if f.is_file()})
             if metrics is not None:
-                write_metrics(metrics, stage / METRICS_FILE)
+                data = _as_dict(metrics)
+                data["model_version"] = version  # the numbers belong to this id
+                write_metrics(data, stage / METRICS_FILE)
             for f in sorted(stage.rglob("*")):
-                if f.is_file():
+                if f.is_file() and f.name != HASH_CACHE_FILE:
                     with open(f, "rb+") as fh:
                         os.fsync(fh.fileno())
                     files[f.relative_to(stage).as_posix()] = {"sha256": sha256_file(f), "size": f.stat().st_size}
-            if not files:
-                raise RegistryError(f"{src} has no files to register")
-            version = version or content_version({k: v["sha256"] for k, v in files.items()})
             manifest = {"version": version, "parent": parent, "base": base,
                         "dataset_fingerprint": dataset_fingerprint, "created_at": _now(),
                         "created_ns": time.time_ns(), "files": files, "extra": dict(extra or {})}
@@ -382,6 +403,8 @@ class Registry:
             with self._locked():
                 if (final / MANIFEST_FILE).is_file():
                     shutil.rmtree(stage, ignore_errors=True)
+                    if _model_files(self.manifest(version)["files"]) != _model_files(files):
+                        raise RegistryError(f"version {version!r} is already registered with other files")
                     return self._info(version, self.current())
                 if final.exists():  # a partial directory from an older crash: never a version
                     shutil.rmtree(final)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -221,3 +222,54 @@ def test_evaluate_rejects_unusable_input(engine, held_out) -> None:
         evaluate(engine, held_out, LabelSpace(()))
     with pytest.raises(EvaluationError, match="not in the label set"):
         evaluate(engine, held_out, LabelSpace(("circle", "square")), descriptions=False)
+
+
+def test_evaluate_scores_as_the_engine_does_with_length_normalisation(engine, held_out) -> None:
+    space = LabelSpace(("circle", "square", "hexagon", "big purple triangle"))
+    cfg = engine.model.cfg
+    old = cfg.score_length_normalized
+    try:
+        for normalised in (False, True):
+            cfg.score_length_normalized = normalised
+            m = evaluate(engine, held_out, space, descriptions=False)
+            hits = []
+            for seed in (0, 1):
+                group = [e for e in held_out if e.task_id == str(seed)]
+                with Image.open(group[0].image) as im:
+                    masks = [coco_mask.decode({"size": e.rle["size"], "counts": e.rle["counts"].encode()})
+                             for e in group]
+                    res = engine.classify(im.convert("RGB"), masks, list(space.categories))
+                hits += [r.label == e.category for r, e in zip(res, group, strict=True)]
+            assert m.accuracy == pytest.approx(np.mean(hits))
+    finally:
+        cfg.score_length_normalized = old
+
+
+def test_apply_temperature_stores_it_with_the_version(tmp_path) -> None:
+    from osprey_core.checkpoint import save_checkpoint
+    from osprey_core.config import tiny
+    from osprey_core.factory import build_model, read_config
+    from osprey_core.tokenizer import build_tiny_tokenizer
+    from osprey_core.versioning import version_of_directory
+    from training.evaluate import apply_temperature
+
+    cfg = tiny()
+    d = save_checkpoint(build_model(cfg), build_tiny_tokenizer(cfg.text.vocab_size), tmp_path / "ckpt")
+    before = version_of_directory(d)
+    logits = np.array([[0.0, -3.0], [-3.0, 0.0], [0.0, -3.0]])
+    m = Metrics(**classification_metrics(["a", "b", "b"], logits, ["a", "b"]), labels=["a", "b"])
+    apply_temperature(d, m, fitted_on="tiny-x")
+    loaded = read_config(d)
+    assert loaded.score_temperature == pytest.approx(m.temperature) and loaded.score_temperature_fitted
+    assert loaded.score_calibration["fitted_on"] == "tiny-x"
+    assert loaded.score_calibration["ece_after"] == pytest.approx(m.ece_after)
+    assert version_of_directory(d) != before  # the temperature is part of the version
+    # an official config.json gets the osprey_-prefixed keys
+    official = tmp_path / "official"
+    official.mkdir()
+    (official / "config.json").write_text('{"hidden_size": 64}')
+    apply_temperature(official, m)
+    data = json.loads((official / "config.json").read_text())
+    assert data["osprey_score_temperature"] == pytest.approx(m.temperature) and data["hidden_size"] == 64
+    with pytest.raises(EvaluationError, match="neither"):
+        apply_temperature(tmp_path, m)

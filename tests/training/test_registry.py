@@ -67,7 +67,8 @@ def test_register_writes_manifest_with_every_checksum(reg, tmp_path) -> None:
     root = reg.path(info.version)
     man = json.loads((root / "manifest.json").read_text())
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-    assert sorted(man["files"]) == sorted(f for f in files if f != "manifest.json")
+    # every file but the manifest itself and the core's rewritable sha256 cache
+    assert sorted(man["files"]) == sorted(f for f in files if f not in ("manifest.json", ".osprey_sha256.json"))
     assert "metrics.json" in man["files"] and "adapter/adapter_model.safetensors" in man["files"]
     for rel, entry in man["files"].items():
         assert entry["sha256"] == hashlib.sha256((root / rel).read_bytes()).hexdigest()
@@ -233,3 +234,22 @@ def test_cli_promote_rollback_and_errors(reg, tmp_path, capsys) -> None:
     capsys.readouterr()
     assert models_main(["--model-dir", root, "show", "nope"]) == 2
     assert "no registered version 'nope'" in capsys.readouterr().err
+
+
+def test_version_id_is_the_id_the_engine_serves(reg, tmp_path) -> None:
+    """A real (tiny) checkpoint: the registry's id is osprey_core's content address of the files, and
+    loading the registered directory reports the same version."""
+    from osprey_core.checkpoint import save_checkpoint
+    from osprey_core.config import tiny
+    from osprey_core.factory import build_model, load_versioned
+    from osprey_core.tokenizer import build_tiny_tokenizer
+    from osprey_core.versioning import version_of_directory
+
+    cfg = tiny()
+    src = save_checkpoint(build_model(cfg), build_tiny_tokenizer(cfg.text.vocab_size), tmp_path / "ckpt")
+    info = reg.register(src, metrics=metrics_for(GOLD, "x"), base=None, dataset_fingerprint="ds")
+    assert info.version == version_of_directory(src)
+    assert reg.verify(info.version) == []
+    _, _, _, served = load_versioned(reg.path(info.version))
+    assert served == info.version
+    assert reg.verify(info.version) == []  # loading (and its hash cache) leaves the manifest intact
