@@ -258,3 +258,21 @@ def test_image_store_is_content_addressed_and_write_once(tmp_path) -> None:
     src.write_bytes(b"file bytes")
     assert images.put_file(src).path.read_bytes() == b"file bytes"
     assert not [p for p in (tmp_path / "images").rglob(".tmp-*")]
+
+
+def test_full_project_sync_repairs_missed_webhooks(store, tmp_path) -> None:
+    """The store missed events (an update, a new task, a deleted task): one full project sync (every
+    task upserted, then the rest pruned) leaves it exactly as a store fed only that sync."""
+    upsert(store, task="t1", regions=[region(1, "a", label="circle")])
+    upsert(store, task="gone", regions=[region(5, "a")])
+    truth = {"t1": [region(1, "a", label="hexagon"), region(1, "b")], "t2": [region(2, "a", label="square")]}
+    for task, regs in truth.items():
+        upsert(store, task=task, regions=regs)
+    store.prune_tasks("p1", keep=truth)
+
+    fresh = Store(f"sqlite:///{tmp_path / 'fresh.sqlite'}", model_dir=tmp_path)
+    for task, regs in truth.items():
+        upsert(fresh, task=task, regions=regs)
+    assert store.examples("p1") == fresh.examples("p1")
+    assert store.count_since("p1") == 3
+    fresh.close()
