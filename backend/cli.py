@@ -1,9 +1,11 @@
 """The ``osprey`` command.
 
     osprey serve    the HTTP API Label Studio calls (no model in this process)
-    osprey worker   a GPU/CPU worker: loads the model once, runs queued jobs (one per GPU)
-    osprey run      everything on one machine: the embedded Redis (unless REDIS_URL is set),
-                    one worker subprocess and the server; Ctrl-C or SIGTERM stops all three
+    osprey worker   a GPU/CPU worker: loads the model once, runs queued jobs (one per GPU);
+                    `--queues writeback` makes a light one (no model) for deliveries to Label Studio
+    osprey run      everything on one machine: the embedded Redis (unless REDIS_URL is set), a
+                    supervised worker (restarted with backoff when it dies), a light write-back worker
+                    when write-back is configured, and the server; Ctrl-C or SIGTERM stops them all
     osprey predict  offline prediction with the core (osprey_core.cli)
 
 Settings come from environment variables (backend/settings.py); a few have flags.
@@ -15,6 +17,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -36,14 +39,13 @@ def _setup_logging(settings: Settings) -> None:
 
 
 def serve(settings: Settings) -> None:
-    """Run the HTTP server in this process until SIGINT/SIGTERM."""
+    """Run the HTTP server in this process until SIGINT/SIGTERM (request deadlines: backend/httpserver.py)."""
     import uvicorn
 
     from backend.app import create_app
+    from backend.httpserver import server_config
 
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
-                            log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run()
+    uvicorn.Server(server_config(create_app(settings), settings)).run()
 
 
 def _die_with_parent() -> None:
@@ -54,9 +56,9 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def start_worker_process(env: dict[str, str]) -> subprocess.Popen:
+def start_worker_process(env: dict[str, str], args: Sequence[str] = ()) -> subprocess.Popen:
     """`osprey worker` as a child in its own session: Ctrl-C reaches `osprey run`, which stops it."""
-    return subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"], env=env,
+    return subprocess.Popen([sys.executable, "-m", "backend.cli", "worker", *args], env=env,
                             start_new_session=True, preexec_fn=_die_with_parent)
 
 
@@ -82,22 +84,36 @@ def _raise_stop(signum: int, frame: Any) -> None:
 
 
 def run_all(settings: Settings) -> None:
-    """Embedded Redis (unless REDIS_URL) + one worker subprocess + the server, stopped together."""
-    from backend.queue.redis import EmbeddedRedis
+    """Embedded Redis (unless REDIS_URL) + supervised worker subprocesses + the server, stopped together."""
+    from backend.queue.jobs import JobQueue
+    from backend.queue.redis import EmbeddedRedis, connect
+    from backend.queue.supervisor import Child, Supervisor
 
     # uvicorn restores this handler after its own shutdown and re-raises SIGTERM into it,
     # so cleanup below always runs; Ctrl-C arrives as KeyboardInterrupt the same way.
     signal.signal(signal.SIGTERM, _raise_stop)
     embedded = None
-    worker = None
+    supervisor = None
     try:
         if settings.redis_url:
             url = settings.redis_url
         else:
             embedded = EmbeddedRedis(settings.model_dir).start()
             url = embedded.url
-        worker = start_worker_process({**os.environ, "REDIS_URL": url})
-        logger.info("worker process %d started; serving on http://%s:%d", worker.pid, settings.host, settings.port)
+        env = {**os.environ, "REDIS_URL": url}
+        base = f"osprey-{socket.gethostname()}-{os.getpid()}"
+        children = [Child(f"{base}-w0", ["--queues", "interactive,batch", "--name", f"{base}-w0"])]
+        if settings.label_studio_url and settings.label_studio_api_key is not None:
+            children.append(Child(f"{base}-wb", ["--queues", "writeback", "--name", f"{base}-wb"]))
+        # The learning loop: syncs and training runs, plus the schedule (training/schedule.py).
+        children.append(Child(f"{base}-train", ["--queues", "training", "--schedule", "--name", f"{base}-train"]))
+        supervisor = Supervisor(
+            children, spawn=lambda args: start_worker_process(env, args), stop=stop_process,
+            queue=JobQueue(connect(url), settings), backoff_s=settings.osprey_worker_restart_backoff_s,
+            max_fast_crashes=settings.osprey_worker_max_fast_crashes, fast_crash_s=settings.osprey_worker_fast_crash_s)
+        supervisor.start()
+        logger.info("worker processes %s started; serving on http://%s:%d", supervisor.pids(), settings.host,
+                    settings.port)
         serve(settings.model_copy(update={"redis_url": url}))
     except (KeyboardInterrupt, _Stop):
         pass
@@ -105,8 +121,8 @@ def run_all(settings: Settings) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # cleanup is bounded; do not abort it halfway
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         logger.info("shutting down")
-        if worker is not None:
-            stop_process(worker)
+        if supervisor is not None:
+            supervisor.stop()
         if embedded is not None:
             embedded.stop()
 
@@ -122,6 +138,16 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="load the model once and run queued prediction jobs")
     p.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     p.add_argument("--name", help="worker name (default osprey-<host>-<pid>)")
+    p.add_argument("--queues", default="interactive,batch,writeback",
+                   help="comma-separated queues to serve, in this priority (default interactive,batch,writeback; "
+                        "`writeback` alone: a light worker without a model; `training` alone: syncs and "
+                        "training runs)")
+    p.add_argument("--schedule", action="store_true",
+                   help="with --queues training: also run the retraining schedule (as `osprey schedule`)")
+    sub.add_parser("schedule", help="RQ's cron scheduler for retraining checks and periodic project syncs")
+    p = sub.add_parser("sync", help="sync a Label Studio project into the corrections store (repairs missed webhooks)")
+    p.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    p.add_argument("--enqueue", action="store_true", help="queue the sync for a training worker instead")
     sub.add_parser("predict", help="offline prediction with the core (see `osprey predict --help`)", add_help=False)
     return parser
 
@@ -147,7 +173,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "worker":
             from backend.queue.worker import run_worker
 
-            run_worker(settings, burst=args.burst, name=args.name)
+            queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+            if queues == ["training"]:
+                from backend.labelstudio.sync import periodic_jobs
+                from training.schedule import run_training_worker
+
+                run_training_worker(settings, burst=args.burst, name=args.name, schedule=args.schedule,
+                                    periodic=periodic_jobs(settings))
+            else:
+                run_worker(settings, burst=args.burst, name=args.name, queues=queues)
+        elif args.command == "schedule":
+            from backend.labelstudio.sync import periodic_jobs
+            from training.schedule import run_schedule
+
+            run_schedule(settings, periodic=periodic_jobs(settings))
+        elif args.command == "sync":
+            from backend.labelstudio.sync import sync_cli
+
+            return sync_cli(settings, args.project, enqueue=args.enqueue)
         elif args.command == "run":
             run_all(settings)
     except KeyboardInterrupt:  # Ctrl-C after a clean shutdown (uvicorn re-raises it), or during start-up

@@ -70,6 +70,44 @@ class Settings(BaseSettings):
     osprey_max_request_bytes: int = Field(
         256 * 1024 * 1024, description="Largest /predict or /webhook body accepted (brush-heavy batches are big)."
     )
+    osprey_max_waiting: int = Field(
+        512, description="Requests one server process lets wait for workers at once; more are answered 429."
+    )
+    osprey_max_queued_interactive: int = Field(
+        256, description="Interactive jobs allowed in the queue; a request beyond it is answered 429 (Retry-After)."
+    )
+    osprey_redis_max_connections: int = Field(
+        64, description="Redis connections per process; a request waits for a free one (queueing, not failing)."
+    )
+    osprey_redis_pool_timeout_s: float = Field(
+        10.0, description="How long a request waits for a free Redis connection before a 503."
+    )
+    osprey_handoff_delivery: str = Field(
+        "backend.labelstudio.writeback.writeback_job",
+        description="Dotted name of the job that delivers handed-off batch outputs (runs on the writeback queue).",
+    )
+    osprey_writeback_retries: int = Field(5, description="Retries of a write-back that got no answer or a 5xx.")
+    osprey_writeback_backoff_s: float = Field(
+        5.0, description="First interval between write-back retries (then x3 each time, at most 600 s)."
+    )
+    osprey_worker_restart_backoff_s: float = Field(
+        1.0, description="`osprey run`: first delay before restarting a dead worker (doubles per fast crash)."
+    )
+    osprey_worker_max_fast_crashes: int = Field(
+        5, description="`osprey run`: give up (and report DOWN) after this many worker crashes in a row."
+    )
+    osprey_worker_fast_crash_s: float = Field(
+        60.0, description="`osprey run`: a worker that ran less than this long counts as a fast crash."
+    )
+    osprey_header_timeout_s: float = Field(
+        10.0, description="HTTP: time a client has to send a request's headers (slowloris guard)."
+    )
+    osprey_body_timeout_s: float = Field(
+        120.0, description="HTTP: time a client has to send a request body after its headers."
+    )
+    osprey_max_connections: int = Field(
+        1024, description="HTTP: open connections served at once; beyond it requests get 503."
+    )
     osprey_regions_from: str = Field(
         "annotations", description="Batch regions source: annotations, predictions or both (annotations first)."
     )
@@ -78,6 +116,11 @@ class Settings(BaseSettings):
     osprey_allowed_hosts: str = Field(
         "", description="Comma-separated hosts from which http(s) media may be fetched (LABEL_STUDIO_URL's host always)."
     )
+    osprey_media_origins: str = Field(
+        "backend.labelstudio.client.media_origins",
+        description="Dotted name of a function(settings) -> trusted media origins (the adapter's server and key).",
+    )
+    osprey_media_max_url_chars: int = Field(8192, description="Longest media URL accepted (longer: 414).")
     local_files_document_root: Path | None = Field(
         None, description="Root for /data/local-files/?d=... (Label Studio's LOCAL_FILES_DOCUMENT_ROOT)."
     )

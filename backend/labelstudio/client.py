@@ -2,8 +2,8 @@
 
 Built on httpx directly rather than label-studio-sdk's generated client: we need five endpoints,
 explicit timeouts and a retry policy that never creates a prediction twice, and the same auth
-logic has to serve plain media downloads (`LabelStudioAuth` is an `httpx.Auth`, reused by
-backend/media.py).
+logic has to serve plain media downloads (`LabelStudioAuth` is an `httpx.Auth`, handed to the
+tool-agnostic fetcher by `media_origins`).
 
 Label Studio 1.23 accepts two kinds of API key (protocol notes §1.2, §5):
 - a legacy token, sent as `Authorization: Token <key>`;
@@ -24,10 +24,14 @@ from typing import Any
 
 import httpx
 
+from backend.media.fetch import TrustedOrigin
+from backend.queue.retry import RetryPolicy
 from backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+# The only paths of Label Studio whose media we fetch, and the only ones that get the API key.
+MEDIA_KEY_PATHS = ("/data/upload/", "/data/local-files/")
 # Refresh this long before the access token expires, so a request never races its expiry.
 _EXPIRY_MARGIN_S = 30.0
 # Statuses after which an idempotent request (GET, DELETE) is retried.
@@ -141,7 +145,8 @@ def _error_message(response: httpx.Response) -> str:
 class LabelStudioClient:
     """The Label Studio API calls the backend makes (write-back of predictions, task and project reads).
 
-    Retries are bounded (`max_retries`, short growing sleeps). GET and DELETE are retried on
+    Retries follow one `RetryPolicy` (default: `max_retries` with short growing sleeps; write-back passes
+    `NO_RETRY` because its retries are RQ job retries). 4xx are never retried. GET and DELETE are retried on
     connection errors, timeouts and 500/502/503/504. `create_prediction` is retried only when the
     request cannot have been processed (connection refused, 502, 503); after a read timeout or a 500
     the outcome is unknown and a `LabelStudioError` says so, so the caller reconciles with
@@ -156,22 +161,23 @@ class LabelStudioClient:
         timeout_s: float = 10.0,
         max_retries: int = 3,
         backoff_s: float = 0.2,
+        retry: RetryPolicy | None = None,
     ) -> None:
         if not url or not url.startswith(("http://", "https://")):
             raise ValueError(f"LABEL_STUDIO_URL must start with http:// or https://, got {url!r}")
         self.url = url.rstrip("/")
         self.auth = LabelStudioAuth(self.url, api_key, timeout_s=timeout_s) if api_key else None
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
+        self.retry = retry or RetryPolicy(retries=max_retries, first_s=backoff_s, factor=2.0)
+        self.max_retries = self.retry.retries
         self._http = httpx.Client(base_url=self.url, auth=self.auth, timeout=timeout_s, trust_env=False)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> LabelStudioClient:
+    def from_settings(cls, settings: Settings, retry: RetryPolicy | None = None) -> LabelStudioClient:
         if not settings.label_studio_url:
             raise ValueError("LABEL_STUDIO_URL is not set; it is needed to write predictions back")
         if settings.label_studio_api_key is None:
             raise ValueError("LABEL_STUDIO_API_KEY is not set; it is needed to write predictions back")
-        return cls(settings.label_studio_url, settings.label_studio_api_key.get_secret_value())
+        return cls(settings.label_studio_url, settings.label_studio_api_key.get_secret_value(), retry=retry)
 
     def close(self) -> None:
         self._http.close()
@@ -233,5 +239,22 @@ class LabelStudioClient:
                 if response.status_code not in retry_statuses or last:
                     raise LabelStudioError(response.status_code, f"{method} {path}: {_error_message(response)}")
             logger.warning("Label Studio %s %s failed, retry %d/%d", method, path, attempt + 1, self.max_retries)
-            time.sleep(self.backoff_s * 2**attempt)
+            time.sleep(self.retry.delay(attempt))
         raise AssertionError("unreachable")
+
+
+def media_origins(settings: Settings) -> list[TrustedOrigin]:
+    """What the media fetcher may fetch from Label Studio, and with which credentials.
+
+    Exactly LABEL_STUDIO_URL's scheme, host and port; the API key only on /data/upload/ and
+    /data/local-files/ (the worker resolves this by name: OSPREY_MEDIA_ORIGINS)."""
+    if not settings.label_studio_url:
+        return []
+    url = settings.label_studio_url.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"LABEL_STUDIO_URL must start with http:// or https://, got {url!r}")
+    auth = None
+    if settings.label_studio_api_key is not None:
+        auth = LabelStudioAuth(url, settings.label_studio_api_key.get_secret_value(),
+                               timeout_s=settings.osprey_media_timeout_s)
+    return [TrustedOrigin(url, auth, MEDIA_KEY_PATHS, auth_errors=(LabelStudioError,))]

@@ -6,13 +6,14 @@ task id, image URL, region encodings and the prediction plan -- never image byte
 the engine and its image-encoding cache live across jobs, so jobs on the same image share the encoding.
 
 Outcomes of ``predict_job``:
-- success: publishes ``{"ok": true, "prediction": {...}}``;
+- success: publishes ``{"ok": true, "answers": [...], "regions", "plan", "model_version"}``;
 - bad input (an unreachable or disallowed image, a malformed region...): publishes an error with a 4xx
   status and returns normally -- retrying would not help;
 - anything else raises, so RQ retries the job (``Retry``); after the last retry ``on_job_failure``
   publishes a 502 error so nobody waits for it in vain.
-If a batch request handed the job off (it missed the time budget), the output is written to Label Studio
-by ``writeback_job`` -- see backend/writeback.py.
+If a batch request handed the job off (it missed the time budget), ``JobQueue.finish`` enqueues the
+delivery function the hand-off names (Label Studio: ``backend.labelstudio.writeback.writeback_job``) on
+the ``writeback`` queue, or records the task as undeliverable; this module imports no adapter.
 """
 
 from __future__ import annotations
@@ -21,16 +22,14 @@ import logging
 import time
 from typing import Any
 
-from backend.labelstudio.writeback import record_undeliverable
 from backend.queue.jobs import (
     BATCH,
     ERROR_TTL_S,
-    PUBLISH_LUA,
     JobQueue,
     RedisKeys,
-    canonical_json,
     error_output,
-    ok_output,
+    publish_output,
+    record_undeliverable,
 )
 
 logger = logging.getLogger(__name__)
@@ -51,41 +50,32 @@ def get_runtime() -> Any:
 
 
 def predict_job(payload: dict) -> dict:
-    """Predict the regions of one task and publish the output (see the module docstring)."""
-    from backend.labelstudio.config import PredictionPlan
-    from backend.labelstudio.regions import RegionRef
-    from backend.labelstudio.results import prediction
+    """Predict the regions of one task and publish the output (see the module docstring).
+
+    The output carries the neutral answers with the regions and plan they answer, so an adapter can turn
+    it into its tool's format wherever it is delivered (backend/labelstudio/results.py).
+    """
+    from backend.errors import INPUT_ERRORS, input_status
     from backend.service.predict import predict_regions
+    from backend.service.tasks import Plan, RegionSpec
 
     rt = get_runtime()
     queue: JobQueue = rt.queue
-    job_id = payload["job_id"]
     started = time.perf_counter()
     try:
+        plan = Plan.from_dict(payload["plan"])
+        specs = [RegionSpec.from_dict(r) for r in payload["regions"]]
         image = rt.media.load_image(payload["image_url"])
-        plan = PredictionPlan.from_dict(payload["plan"])
-        regions = [RegionRef.from_job(r) for r in payload["regions"]]
-        items = predict_regions(rt.engine, image, plan, regions, refiner=rt.refiner)
-    except ValueError as exc:  # MediaError, RegionError, ImageError, LabelConfigError...: the input is at fault
-        status = getattr(exc, "status_code", None) or 422
-        output = error_output(status, str(exc), worker=rt.name)
+        answers = predict_regions(rt.engine, image, plan, specs, refiner=rt.refiner)
+    except INPUT_ERRORS as exc:  # the project's own bad-input errors only: anything else is a bug, retried
+        output = error_output(input_status(exc), str(exc), worker=rt.name)
     else:
-        output = ok_output(prediction(items, rt.engine.model_version), time.perf_counter() - started, worker=rt.name)
+        output = {"ok": True, "answers": [a.to_dict() for a in answers], "regions": payload["regions"],
+                  "plan": payload["plan"], "model_version": rt.engine.model_version,
+                  "elapsed_s": time.perf_counter() - started, "worker": rt.name}
 
-    handed_off = queue.publish(job_id, output)
-    if handed_off:
-        if output["ok"] and output["prediction"]["result"]:
-            queue.enqueue_writeback(job_id, payload["task_id"], output["prediction"]["model_version"])
-        else:
-            record_undeliverable(queue.connection, queue.keys, payload.get("task_id"), job_id, _reason(output))
+    handed_off = queue.finish(payload, output)
     return {"ok": output["ok"], "handed_off": handed_off}
-
-
-def writeback_job(payload: dict) -> str:
-    """Write a handed-off output to Label Studio (idempotent; see backend/writeback.py)."""
-    rt = get_runtime()
-    writer = rt.writeback()
-    return writer.deliver_job_output(payload["job_id"], int(payload["task_id"]))
 
 
 def on_job_failure(job: Any, connection: Any, exc_type: Any, exc_value: Any, tb: Any) -> None:
@@ -96,27 +86,27 @@ def on_job_failure(job: Any, connection: Any, exc_type: Any, exc_value: Any, tb:
     """
     if job.retries_left:
         return
-    prefix = job.origin.rsplit(":", 1)[0]
-    keys = RedisKeys(prefix)
+    keys = RedisKeys.from_queue_name(job.origin)
     name = getattr(exc_type, "__name__", str(exc_type))
     output = error_output(502, f"prediction failed after its retries: {name}: {exc_value}")
     result_ttl = min(job.result_ttl, ERROR_TTL_S) if job.result_ttl and job.result_ttl > 0 else ERROR_TTL_S
-    script = connection.register_script(PUBLISH_LUA)
-    handed_off = script(keys=[keys.out(job.id), keys.done(job.id), keys.handoff(job.id), keys.pending, keys.stats],
-                        args=[canonical_json(output), result_ttl, job.id, "jobs_failed"])
-    if handed_off and job.origin.endswith(f":{BATCH}"):
+    delivery = publish_output(connection, keys, job.id, output, result_ttl, "jobs_failed")
+    if delivery is not None and job.origin.endswith(f":{BATCH}"):
         task_id = (job.args[0] or {}).get("task_id") if job.args else None
         record_undeliverable(connection, keys, task_id, job.id, _reason(output))
 
 
-def on_writeback_failure(job: Any, connection: Any, exc_type: Any, exc_value: Any, tb: Any) -> None:
-    """RQ failure callback of write-back jobs: after the last retry, record the task (guarantee 4)."""
+def on_delivery_failure(job: Any, connection: Any, exc_type: Any, exc_value: Any, tb: Any) -> None:
+    """RQ failure callback of delivery (write-back) jobs: after the last retry, record the task."""
     if job.retries_left:
         return
     payload = (job.args[0] if job.args else None) or {}
     name = getattr(exc_type, "__name__", str(exc_type))
-    record_undeliverable(connection, RedisKeys(job.origin.rsplit(":", 1)[0]), payload.get("task_id"),
-                         str(payload.get("job_id")), f"write-back to Label Studio failed: {name}: {exc_value}")
+    record_undeliverable(connection, RedisKeys.from_queue_name(job.origin), payload.get("task_id"),
+                         str(payload.get("job_id")), f"write-back failed after its retries: {name}: {exc_value}")
+
+
+on_writeback_failure = on_delivery_failure  # the name jobs enqueued before the rename carry
 
 
 def _reason(output: dict) -> str:

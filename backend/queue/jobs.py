@@ -1,37 +1,46 @@
 """RQ queues, deterministic job ids, and the hand-off protocol between the web process and the workers.
 
-Queues. Two RQ queues, ``<prefix>:interactive`` and ``<prefix>:batch``. Workers listen on both in that
-order, so a region drawn in the editor never waits behind a 10,000-task pre-labelling run. Jobs use RQ's
-``JSONSerializer`` (never pickle: whoever can write to Redis must not get code execution in a GPU worker)
-and carry references only -- task id, image URL, region encodings, the prediction plan -- never image bytes.
+Queues. Three RQ queues: ``<prefix>:interactive`` and ``<prefix>:batch`` for predictions (workers serve
+them in that order, so a region drawn in the editor never waits behind a 10,000-task pre-labelling run)
+and ``<prefix>:writeback`` for deliveries to annotation tools, so no GPU worker sleeps on an HTTP retry.
+Jobs use RQ's ``JSONSerializer`` (never pickle: whoever can write to Redis must not get code execution in
+a GPU worker) and carry references only -- task id, image URL, regions, the plan -- never image bytes.
 
 Job ids are a hash of (kind, model_version, task id, image URL, regions, plan), so the same request twice
 (Label Studio retries, or a task opened twice) finds the existing job instead of doing the work again;
 enqueueing uses RQ's atomic ``unique=True``. A job that failed, or whose output expired, is started afresh.
 
-Outputs. A job does not return its prediction through RQ; it *publishes* it with one Lua script:
+Outputs. A job does not return its output through RQ; it *publishes* it with one Lua script:
 
     out:<job_id>      JSON output (a prediction, or an error with an HTTP status), TTL = OSPREY_RESULT_TTL_S
-    done:<job_id>     a one-entry stream written with ``out``; waiters block on it with XREAD (no polling)
-    handoff:<job_id>  set when a batch /predict stopped waiting for this job; the output then goes to
-                      Label Studio through the API (backend/writeback.py)
+    PUBLISH done      the job id on ``<prefix>:done``; each web process has one listener (listener.py)
+    handoff:<job_id>  set, without expiry, when a batch request stopped waiting for this job; it names the
+                      delivery function (e.g. the Label Studio write-back) that the job enqueues on the
+                      ``writeback`` queue with its output. Because it never expires while the job waits,
+                      a job that starts hours later still delivers (it used to expire with the output TTL).
 
 ``publish`` (worker) and ``claim`` (web) are Lua scripts, so Redis orders them: a batch output is either
 claimed for the HTTP response (it existed, no hand-off) or handed off (it did not exist yet), never both
-and never neither. See backend/writeback.py for what happens after a hand-off.
+and never neither. A handed-off job that ends without a deliverable output is recorded in
+``<prefix>:wb:failed`` (``record_undeliverable``): every handed-off task ends delivered or visibly failed.
 
 Reliability. Jobs are enqueued with ``Retry(max=OSPREY_JOB_RETRIES)``. Workers heartbeat their running job
 every OSPREY_WORKER_HEARTBEAT_S; if a worker dies (SIGKILL, OOM, power), its StartedJobRegistry entry
 expires after three missed beats and another worker's reaper (``reap``) retries the job. ``reap`` also
-re-queues a job that was popped by a worker killed before it registered the job as started.
+re-queues a job that was popped by a worker killed before it registered the job as started. Prediction
+workers also keep a liveness entry (``heartbeat_worker``); ``live_workers()`` is what /health and the
+interactive path read, so a dead worker gives DOWN and 503 instead of silent timeouts.
+
+Admission. A web process answers 429 with Retry-After (``QueueBusy``) instead of queueing without bound:
+more than OSPREY_MAX_WAITING requests waiting in this process, or more than OSPREY_MAX_QUEUED_INTERACTIVE
+interactive jobs queued; and 503 (``NoWorker``) for an interactive request when no worker is alive.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import re
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -45,135 +54,107 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
 
+from backend.errors import InputError
+from backend.queue.keys import (  # noqa: F401 - re-exported: callers import these names from here
+    ALL_QUEUES,
+    BATCH,
+    INTERACTIVE,
+    KINDS,
+    WRITEBACK,
+    RedisKeys,
+    canonical_json,
+    content_digest,
+)
+from backend.queue.listener import DoneListener
+from backend.queue.retry import RetryPolicy
+
 logger = logging.getLogger(__name__)
 
 PREDICT_FUNC = "backend.queue.handlers.predict_job"
-WRITEBACK_FUNC = "backend.queue.handlers.writeback_job"
 FAILURE_CALLBACK = "backend.queue.handlers.on_job_failure"
-WRITEBACK_FAILURE_CALLBACK = "backend.queue.handlers.on_writeback_failure"
+DELIVERY_FAILURE_CALLBACK = "backend.queue.handlers.on_delivery_failure"
+WRITEBACK_FAILURE_CALLBACK = DELIVERY_FAILURE_CALLBACK
 
-INTERACTIVE = "interactive"
-BATCH = "batch"
-KINDS = (INTERACTIVE, BATCH)
-
-_PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]+")
-_XREAD_CHUNK = 256  # streams per XREAD call
 ERROR_TTL_S = 30  # error outputs expire fast: the same request after a fix (file uploaded...) runs again
+_SWEEP_S = 1.0  # how often a waiter re-reads on its own (lost pub/sub messages, failed jobs, dead workers)
+_LIVE_CACHE_S = 0.5
 
-# KEYS: out, done, handoff, pending, stats. ARGV: output json, ttl, job id, counter to bump.
-# Returns 1 when the job was handed off.
+# KEYS: out, handoff, pending, stats. ARGV: output json, ttl, job id, counter to bump, done channel.
+# Returns the delivery function named by the hand-off, or nil when the job was not handed off.
 PUBLISH_LUA = """
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-redis.call('XADD', KEYS[2], 'MAXLEN', '1', '*', 'done', '1')
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-redis.call('ZREM', KEYS[4], ARGV[3])
-redis.call('HINCRBY', KEYS[5], ARGV[4], 1)
-return redis.call('EXISTS', KEYS[3])
+redis.call('ZREM', KEYS[3], ARGV[3])
+redis.call('HINCRBY', KEYS[4], ARGV[4], 1)
+redis.call('PUBLISH', ARGV[5], ARGV[3])
+local delivery = redis.call('GET', KEYS[2])
+if delivery then
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+  return delivery
+end
+return false
 """
 
-# KEYS: out, handoff. ARGV: ttl, allow_handoff (1/0).
-# Returns 'handoff' (the job delivers by write-back), 'response' (the caller delivers) or 'pending'.
+# KEYS: out, handoff. ARGV: delivery function name ('' = no hand-off).
+# Returns 'handoff' (the job delivers), 'response' (the caller delivers) or 'pending'.
 CLAIM_LUA = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 'handoff' end
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'response' end
-if ARGV[2] == '1' then
-  redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
+if ARGV[1] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[1])
   return 'handoff'
 end
 return 'pending'
 """
 
 
-class RedisKeys:
-    """Every Redis key and queue name of one deployment, under one prefix (tests use a unique one)."""
+class QueueBusy(Exception):
+    """The service sheds load instead of queueing without bound; answered with `status_code` + Retry-After."""
 
-    def __init__(self, prefix: str):
-        if not _PREFIX_RE.fullmatch(prefix):
-            raise ValueError(f"OSPREY_REDIS_PREFIX must match [A-Za-z0-9_.-]+, got {prefix!r}")
-        self.prefix = prefix
+    status_code = 429
 
-    def queue_name(self, kind: str) -> str:
-        return f"{self.prefix}:{kind}"
-
-    def out(self, job_id: str) -> str:
-        return f"{self.prefix}:out:{job_id}"
-
-    def done(self, job_id: str) -> str:
-        return f"{self.prefix}:done:{job_id}"
-
-    def handoff(self, job_id: str) -> str:
-        return f"{self.prefix}:handoff:{job_id}"
-
-    def writeback_record(self, task_id: int, model_version: str) -> str:
-        return f"{self.prefix}:wb:{task_id}:{model_version}"
-
-    def writeback_lock(self, task_id: int, model_version: str) -> str:
-        return f"{self.prefix}:wblock:{task_id}:{model_version}"
-
-    @property
-    def writeback_failed(self) -> str:
-        return f"{self.prefix}:wb:failed"
-
-    @property
-    def pending(self) -> str:
-        """Sorted set of enqueued-but-unpublished job ids (score = enqueue time), for lost-job recovery."""
-        return f"{self.prefix}:pending"
-
-    @property
-    def lost(self) -> str:
-        return f"{self.prefix}:lost"
-
-    @property
-    def job_runs(self) -> str:
-        """Hash job id -> number of executions started (retries and duplicates show up here)."""
-        return f"{self.prefix}:job_runs"
-
-    @property
-    def stats(self) -> str:
-        """Hash of worker-side counters (exported by /metrics)."""
-        return f"{self.prefix}:stats"
-
-    @property
-    def reaper_lock(self) -> str:
-        return f"{self.prefix}:reaper_lock"
-
-    @property
-    def model_source(self) -> str:
-        """What workers should serve: a preset name or model directory. Promotion writes it."""
-        return f"{self.prefix}:model:source"
-
-    @property
-    def model_current(self) -> str:
-        """JSON {source, version, worker, at} of the model a worker last loaded (what /setup reports)."""
-        return f"{self.prefix}:model:current"
-
-    @property
-    def model_versions(self) -> str:
-        """Sorted set version -> first time a worker served it (GET /versions)."""
-        return f"{self.prefix}:model:versions"
-
-    @property
-    def events(self) -> str:
-        """Stream of Label Studio webhook events (consumed by training)."""
-        return f"{self.prefix}:events"
+    def __init__(self, message: str, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
 
 
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+class NoWorker(QueueBusy):
+    """No prediction worker has a live heartbeat: an interactive request cannot be answered (503)."""
+
+    status_code = 503
+
+
+def publish_output(connection: Redis, keys: RedisKeys, job_id: str, output: dict, ttl: int,
+                   counter: str) -> str | None:
+    """Store `output`, wake its waiters, bump `counter`; returns the hand-off's delivery function or None."""
+    script = connection.register_script(PUBLISH_LUA)
+    delivery = script(keys=[keys.out(job_id), keys.handoff(job_id), keys.pending, keys.stats],
+                      args=[canonical_json(output), ttl, job_id, counter, keys.done_channel])
+    if delivery is None:
+        return None
+    return delivery.decode() if isinstance(delivery, bytes) else str(delivery)
+
+
+def record_undeliverable(connection: Any, keys: RedisKeys, task_id: Any, job_id: str, reason: str) -> None:
+    """A handed-off task that gets no prediction: log, count and keep the reason (visible, never silent)."""
+    logger.error("task %s gets no prediction (job %s): %s", task_id, job_id, reason)
+    connection.hset(keys.writeback_failed, str(task_id),
+                    json.dumps({"job_id": job_id, "reason": reason[:2000], "at": time.time()}))
+    connection.hincrby(keys.stats, "writeback_undeliverable", 1)
 
 
 def make_job_id(prefix: str, kind: str, model_version: str, task_id: Any, image_url: str,
                 regions: Sequence[dict], plan: dict) -> str:
     """Deterministic job id: the same work always maps to the same id (no ':' -- RQ splits on it)."""
-    digest = hashlib.sha256(
-        canonical_json([kind, model_version, task_id, image_url, list(regions), plan]).encode()
-    ).hexdigest()[:40]
+    digest = content_digest([kind, model_version, task_id, image_url, list(regions), plan])
     return f"{prefix}-{kind}-{digest}"
 
 
 @dataclass
 class JobSpec:
-    """One unit of work: predict the regions of one task. Becomes the JSON payload of an RQ job."""
+    """One unit of work: predict the regions of one task. Becomes the JSON payload of an RQ job.
+
+    `regions` and `plan` are JSON-able and opaque here (the service layer defines their shape)."""
 
     kind: str
     task_id: int | None
@@ -186,7 +167,7 @@ class JobSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"unknown job kind {self.kind!r}")
+            raise InputError(f"unknown job kind {self.kind!r}")
         self.job_id = make_job_id(self.prefix, self.kind, self.model_version, self.task_id, self.image_url,
                                   self.regions, self.plan)
 
@@ -206,8 +187,16 @@ def ok_output(prediction: dict, elapsed_s: float, worker: str) -> dict:
     return {"ok": True, "prediction": prediction, "elapsed_s": elapsed_s, "worker": worker}
 
 
-def error_output(status: int, message: str, worker: str = "") -> dict:
-    return {"ok": False, "error": {"status": int(status), "message": message}, "worker": worker}
+def error_output(status: int, message: str, worker: str = "", retry_after_s: int | None = None) -> dict:
+    error: dict[str, Any] = {"status": int(status), "message": message}
+    if retry_after_s is not None:
+        error["retry_after_s"] = int(retry_after_s)
+    return {"ok": False, "error": error, "worker": worker}
+
+
+def _setting(settings: Any, name: str, default: Any) -> Any:
+    value = getattr(settings, name, None)
+    return default if value is None else value
 
 
 class JobQueue:
@@ -218,13 +207,21 @@ class JobQueue:
         self.settings = settings
         self.keys = RedisKeys(settings.osprey_redis_prefix)
         self.result_ttl = int(settings.osprey_result_ttl_s)
+        timeout = int(settings.osprey_job_timeout_s)
         self.queues = {
             kind: Queue(self.keys.queue_name(kind), connection=connection, serializer=JSONSerializer,
-                        default_timeout=int(settings.osprey_job_timeout_s))
-            for kind in KINDS
+                        default_timeout=timeout)
+            for kind in ALL_QUEUES
         }
+        self.writeback_retry = RetryPolicy(
+            retries=int(_setting(settings, "osprey_writeback_retries", 5)),
+            first_s=float(_setting(settings, "osprey_writeback_backoff_s", 5.0)),
+        )
         self._publish = connection.register_script(PUBLISH_LUA)
         self._claim = connection.register_script(CLAIM_LUA)
+        self._listener: DoneListener | None = None
+        self._listener_lock = threading.Lock()
+        self._live_cache: tuple[float, int] = (0.0, 0)
 
     @property
     def interactive(self) -> Queue:
@@ -234,9 +231,16 @@ class JobQueue:
     def batch(self) -> Queue:
         return self.queues[BATCH]
 
-    def ordered_queues(self) -> list[Queue]:
-        """The order workers serve queues in: interactive first."""
-        return [self.queues[INTERACTIVE], self.queues[BATCH]]
+    @property
+    def writeback(self) -> Queue:
+        return self.queues[WRITEBACK]
+
+    def ordered_queues(self, names: Sequence[str] = (INTERACTIVE, BATCH, WRITEBACK)) -> list[Queue]:
+        """The queues a worker serves, in the order it serves them: interactive first."""
+        unknown = [n for n in names if n not in self.queues]
+        if unknown:
+            raise InputError(f"unknown queue(s) {', '.join(unknown)}; choose from {', '.join(ALL_QUEUES)}")
+        return [self.queues[n] for n in ALL_QUEUES if n in names]
 
     # ---- web side -------------------------------------------------------------------------------
 
@@ -244,8 +248,35 @@ class JobQueue:
         retries = int(self.settings.osprey_job_retries)
         return Retry(max=retries) if retries > 0 else None
 
+    def listener(self) -> DoneListener:
+        if self._listener is None:
+            with self._listener_lock:
+                if self._listener is None:
+                    self._listener = DoneListener(self.connection, self.keys.done_channel)
+        return self._listener
+
+    def admit(self, kind: str) -> None:
+        """Raise QueueBusy/NoWorker instead of accepting work that cannot be answered in time."""
+        max_waiting = int(_setting(self.settings, "osprey_max_waiting", 512))
+        waiting = len(self._listener) if self._listener is not None else 0
+        if waiting >= max_waiting:
+            raise QueueBusy(f"this server already has {waiting} requests waiting for workers "
+                            f"(OSPREY_MAX_WAITING={max_waiting}); retry shortly or add workers")
+        if kind != INTERACTIVE:
+            return
+        if self.live_worker_count(cached=True) == 0:
+            raise NoWorker(self.no_worker_reason(), retry_after_s=10)
+        max_queued = int(_setting(self.settings, "osprey_max_queued_interactive", 256))
+        queued = int(self.connection.llen(self.interactive.key))
+        if queued >= max_queued:
+            raise QueueBusy(f"{queued} interactive jobs are already queued (OSPREY_MAX_QUEUED_INTERACTIVE="
+                            f"{max_queued}); the workers cannot keep up: retry shortly or add workers")
+
     def submit(self, spec: JobSpec) -> bool:
-        """Enqueue `spec` unless the same work is queued, running or finished. True if enqueued now."""
+        """Enqueue `spec` unless the same work is queued, running or finished. True if enqueued now.
+
+        Raises QueueBusy (429) or NoWorker (503) when the request should be shed (see `admit`)."""
+        self.admit(spec.kind)
         for _ in range(3):
             try:
                 self.queues[spec.kind].enqueue_call(
@@ -289,28 +320,40 @@ class JobQueue:
         values = self.connection.mget([self.keys.out(j) for j in ids])
         return {j: json.loads(v) for j, v in zip(ids, values, strict=True) if v is not None}
 
-    def wait(self, job_ids: Iterable[str], timeout_s: float) -> dict[str, dict]:
-        """Block until every job has published an output or `timeout_s` passed; returns what is there."""
+    def wait(self, job_ids: Iterable[str], timeout_s: float, require_worker: bool = False) -> dict[str, dict]:
+        """Block until every job has published an output or `timeout_s` passed; returns what is there.
+
+        Holds no Redis connection while blocked (one listener per process wakes it). With
+        `require_worker`, a wait during which no worker is alive ends with a 503 output for each job."""
         deadline = time.monotonic() + max(0.0, timeout_s)
         pending = list(dict.fromkeys(job_ids))
         found: dict[str, dict] = {}
-        first = True
-        while pending:
-            found.update(self.outputs(pending))
-            pending = [j for j in pending if j not in found]
-            remaining = deadline - time.monotonic()
-            if not pending or remaining <= 0:
-                break
-            if not first:  # a job RQ gave up on publishes nothing: look for those between waits
-                found.update(self._failed_without_output(pending))
+        if not pending:
+            return found
+        listener = self.listener()
+        event = listener.watch(pending)
+        try:
+            first = True
+            while pending:
+                event.clear()  # before reading: a publish after this read sets it again
+                found.update(self.outputs(pending))
                 pending = [j for j in pending if j not in found]
-                if not pending:
+                remaining = deadline - time.monotonic()
+                if not pending or remaining <= 0:
                     break
-            first = False
-            # Entries in a done stream persist, so an XREAD from 0-0 returns at once for any job that
-            # published after the MGET above: no lost wake-ups.
-            block_ms = max(1, int(min(remaining, 1.0) * 1000))
-            self.connection.xread({self.keys.done(j): "0-0" for j in pending[:_XREAD_CHUNK]}, block=block_ms)
+                if not first:  # a job RQ gave up on publishes nothing: look for those between waits
+                    found.update(self._failed_without_output(pending))
+                    pending = [j for j in pending if j not in found]
+                    if not pending:
+                        break
+                    if require_worker and self.live_worker_count(cached=True) == 0:
+                        reason = self.no_worker_reason()
+                        found.update({j: error_output(503, reason, retry_after_s=10) for j in pending})
+                        break
+                first = False
+                event.wait(min(remaining, _SWEEP_S))
+        finally:
+            listener.unwatch(list(dict.fromkeys(job_ids)), event)
         return found
 
     def _failed_without_output(self, job_ids: Sequence[str]) -> dict[str, dict]:
@@ -329,10 +372,17 @@ class JobQueue:
                                                    "see the worker log")
         return result
 
-    def claim(self, job_id: str, allow_handoff: bool) -> str:
-        """Decide, atomically with the job's publish, who delivers a batch output (see module docstring)."""
+    def claim(self, job_id: str, allow_handoff: bool, delivery: str | None = None) -> str:
+        """Decide, atomically with the job's publish, who delivers a batch output (see module docstring).
+
+        With `allow_handoff`, an unfinished job is handed off to `delivery` (a dotted function name run on
+        the writeback queue; default OSPREY_HANDOFF_DELIVERY)."""
+        if allow_handoff:
+            delivery = delivery or _setting(self.settings, "osprey_handoff_delivery", "")
+            if not delivery:
+                raise RuntimeError("hand-off needs a delivery function (OSPREY_HANDOFF_DELIVERY)")
         keys = [self.keys.out(job_id), self.keys.handoff(job_id)]
-        answer = self._claim(keys=keys, args=[self.result_ttl, "1" if allow_handoff else "0"])
+        answer = self._claim(keys=keys, args=[delivery if allow_handoff else ""])
         return answer.decode() if isinstance(answer, bytes) else str(answer)
 
     def depths(self) -> dict[str, int]:
@@ -347,19 +397,81 @@ class JobQueue:
             "depths": self.depths(),
             "running": {kind: q.started_job_registry.get_job_count(cleanup=False) for kind, q in self.queues.items()},
             "workers": Worker.count(queue=self.queues[INTERACTIVE]),
+            "live_workers": len(self.live_workers()),
+            "waiting": len(self._listener) if self._listener is not None else 0,
             "events": {k.decode(): int(v) for k, v in stats.items()},
         }
+
+    # ---- worker liveness ------------------------------------------------------------------------
+
+    def heartbeat_worker(self, name: str, ttl_s: float) -> None:
+        """A prediction worker says it is alive for the next `ttl_s` seconds (its reaper thread beats)."""
+        now = time.time()
+        pipe = self.connection.pipeline(transaction=False)
+        pipe.zadd(self.keys.live_workers, {name: now + ttl_s})
+        pipe.zremrangebyscore(self.keys.live_workers, "-inf", now - 3600)  # long-dead names
+        pipe.execute()
+
+    def forget_worker(self, name: str) -> None:
+        """A worker that exited (or was seen dead by its supervisor) is not alive any more."""
+        self.connection.zrem(self.keys.live_workers, name)
+
+    def live_workers(self) -> list[str]:
+        """Names of prediction workers whose liveness has not expired (what /health reports)."""
+        names = self.connection.zrangebyscore(self.keys.live_workers, time.time(), "+inf")
+        return [n.decode() for n in names]
+
+    def live_worker_count(self, cached: bool = False) -> int:
+        now = time.monotonic()
+        if cached and now - self._live_cache[0] < _LIVE_CACHE_S:
+            return self._live_cache[1]
+        count = int(self.connection.zcount(self.keys.live_workers, time.time(), "+inf"))
+        self._live_cache = (now, count)
+        return count
+
+    def supervisor_state(self) -> dict | None:
+        value = self.connection.get(self.keys.supervisor)
+        return json.loads(value) if value is not None else None
+
+    def set_supervisor_state(self, state: str, reason: str = "") -> None:
+        self.connection.set(self.keys.supervisor, canonical_json({"state": state, "reason": reason,
+                                                                  "at": time.time()}))
+
+    def no_worker_reason(self) -> str:
+        """Why nothing can be predicted now, in words an operator can act on."""
+        state = self.supervisor_state()
+        if state and state.get("state") == "gave_up":
+            return f"no worker is alive: {state.get('reason')}"
+        return ("no worker is alive (none has sent a heartbeat within three OSPREY_WORKER_HEARTBEAT_S periods): "
+                "start `osprey worker` with the same REDIS_URL and OSPREY_REDIS_PREFIX, or wait for `osprey run` "
+                "to restart it")
 
     # ---- worker side ----------------------------------------------------------------------------
 
     def publish(self, job_id: str, output: dict, counter: str | None = None) -> bool:
         """Store a job's output, wake its waiters and bump `counter` (default jobs_ok / jobs_rejected).
         True if a batch request handed the job off."""
+        return self.publish_delivery(job_id, output, counter) is not None
+
+    def publish_delivery(self, job_id: str, output: dict, counter: str | None = None) -> str | None:
+        """`publish`, returning the hand-off's delivery function name (None when not handed off)."""
         counter = counter or ("jobs_ok" if output.get("ok") else "jobs_rejected")
-        keys = [self.keys.out(job_id), self.keys.done(job_id), self.keys.handoff(job_id), self.keys.pending,
-                self.keys.stats]
         ttl = self.result_ttl if output.get("ok") else min(self.result_ttl, ERROR_TTL_S)
-        return bool(self._publish(keys=keys, args=[canonical_json(output), ttl, job_id, counter]))
+        return publish_output(self.connection, self.keys, job_id, output, ttl, counter)
+
+    def finish(self, payload: dict, output: dict) -> bool:
+        """What a prediction job does with its output: publish it and, if a batch request handed the job
+        off, enqueue its delivery (ok) or record the task as undeliverable (error). True if handed off."""
+        job_id = payload["job_id"]
+        delivery = self.publish_delivery(job_id, output)
+        if delivery is None:
+            return False
+        if output.get("ok"):
+            self.enqueue_delivery(delivery, job_id, payload.get("task_id"), output)
+        else:
+            record_undeliverable(self.connection, self.keys, payload.get("task_id"), job_id,
+                                 output["error"]["message"])
+        return True
 
     def count_run(self, job_id: str) -> int:
         pipe = self.connection.pipeline(transaction=False)
@@ -370,17 +482,22 @@ class JobQueue:
     def bump(self, counter: str, amount: int = 1) -> None:
         self.connection.hincrby(self.keys.stats, counter, amount)
 
-    def enqueue_writeback(self, job_id: str, task_id: int, model_version: str) -> None:
-        """Queue the write-back of a handed-off output (idempotent: one write-back job per predict job)."""
-        payload = {"job_id": job_id, "task_id": task_id, "model_version": model_version}
+    def enqueue_delivery(self, func: str, job_id: str, task_id: Any, output: dict) -> None:
+        """Queue the delivery of a handed-off output on the writeback queue (one per predict job).
+
+        The output travels in the job itself, so a delivery that waits longer than OSPREY_RESULT_TTL_S
+        still has it. Retries follow `writeback_retry` (RQ's scheduler re-queues; no worker sleeps)."""
+        payload = {"job_id": job_id, "task_id": task_id, "output": output}
+        policy = self.writeback_retry
         try:
-            self.batch.enqueue_call(
-                WRITEBACK_FUNC, args=(payload,), job_id=f"{job_id}-wb", unique=True, retry=self._retry(),
-                result_ttl=self.result_ttl, failure_ttl=7 * 24 * 3600, description=f"write back task {task_id}",
-                at_front=True, on_failure=Callback(WRITEBACK_FAILURE_CALLBACK),
+            self.writeback.enqueue_call(
+                func, args=(payload,), job_id=f"{job_id}-wb", unique=True,
+                retry=Retry(max=policy.retries, interval=policy.intervals()) if policy.retries else None,
+                result_ttl=self.result_ttl, failure_ttl=7 * 24 * 3600, description=f"deliver task {task_id}",
+                on_failure=Callback(DELIVERY_FAILURE_CALLBACK),
             )
         except DuplicateJobError:
-            pass  # a retried predict job: its write-back is already queued or done
+            pass  # a retried predict job: its delivery is already queued or done
 
     def reap(self, lost_grace_s: float) -> None:
         """Retry jobs of dead workers and re-queue jobs lost between dequeue and start (one reaper at a time)."""
@@ -454,3 +571,18 @@ class JobQueue:
 
     def model_versions(self) -> list[str]:
         return [v.decode() for v in self.connection.zrange(self.keys.model_versions, 0, -1)]
+
+    def record_swap(self, ok: bool, source: str, worker: str, error: str = "") -> None:
+        """The outcome of a model swap, kept so a failed one is visible (GET /versions), not only logged."""
+        self.connection.set(self.keys.model_swap, canonical_json(
+            {"ok": ok, "source": source, "error": error[:2000], "worker": worker, "at": time.time()}))
+
+    def last_swap(self) -> dict | None:
+        value = self.connection.get(self.keys.model_swap)
+        return json.loads(value) if value is not None else None
+
+
+def live_workers(connection: Redis, prefix: str) -> list[str]:
+    """Names of the prediction workers of deployment `prefix` with a live heartbeat (for /health)."""
+    keys = RedisKeys(prefix)
+    return [n.decode() for n in connection.zrangebyscore(keys.live_workers, time.time(), "+inf")]

@@ -63,17 +63,24 @@ def redis_url(settings: Settings) -> str:
     return f"unix://{socket_path(settings.model_dir)}?db=0"
 
 
-def connect(url: str, *, socket_timeout: float | None = 10.0, connect_timeout: float = 2.0) -> redis.Redis:
+def connect(url: str, *, socket_timeout: float | None = 10.0, connect_timeout: float = 2.0,
+            max_connections: int = 64, pool_timeout_s: float = 10.0) -> redis.Redis:
     """A client for `url`, checked with a ping; raises QueueUnavailable when Redis does not answer.
 
     `socket_timeout` bounds every command; pass a larger one (or None) for clients that block on
-    the server for longer (RQ workers raise it for their own blocking pops).
+    the server for longer (RQ workers raise it for their own blocking pops). The pool is bounded
+    (`max_connections`) and *blocking*: under a burst, a caller waits up to `pool_timeout_s` for a
+    free connection instead of failing at once (redis-py's default pool raises "Too many connections").
     """
-    client = redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout)
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=pool_timeout_s, socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout)
+    client = redis.Redis(connection_pool=pool)
     try:
         client.ping()
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         client.close()
+        pool.disconnect()
         hint = (
             "start it with `osprey run` (embedded Redis) or set REDIS_URL"
             if url.startswith("unix://")
@@ -81,6 +88,12 @@ def connect(url: str, *, socket_timeout: float | None = 10.0, connect_timeout: f
         )
         raise QueueUnavailable(f"Redis at {_redact_url(url)} is unreachable ({type(exc).__name__}): {hint}") from exc
     return client
+
+
+def connect_for(settings: Settings, **kwargs: float | None) -> redis.Redis:
+    """`connect` to the deployment's Redis with the pool bounds of `settings`."""
+    return connect(redis_url(settings), max_connections=int(settings.osprey_redis_max_connections),
+                   pool_timeout_s=float(settings.osprey_redis_pool_timeout_s), **kwargs)
 
 
 def _ping(path: Path) -> bool:

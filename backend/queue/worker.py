@@ -17,6 +17,14 @@ What RQ's SimpleWorker (rq 3.0) lacks, and this class adds:
 - *Model reload.* Before each job the worker compares the model source announced in Redis
   (``<prefix>:model:source``, written by promotion) with what it holds, and reloads when it changed;
   it re-announces what it serves every beat, so /setup knows the version even after a Redis restart.
+- *Liveness.* Prediction workers write ``<prefix>:workers:live`` every beat (``JobQueue.heartbeat_worker``);
+  ``live_workers()`` is what /health and interactive requests read, so a dead worker means DOWN and 503.
+- *Scheduled retries.* A worker serving the ``writeback`` queue moves due retries of write-back jobs back
+  into the queue every beat (RQ's scheduler, run in the beat thread: no forked process, no sleeping).
+- *Model swap.* The old model is freed *before* the new one loads (two 14 GB models do not fit one GPU);
+  if the new one fails, the old one is loaded again and the failure is recorded (``<prefix>:model:swap``,
+  shown by GET /versions), not only logged.
+- *Light workers.* A worker serving only ``writeback`` loads no model (``osprey run`` starts one).
 - *Redis outages.* Reconnection waits at most 2 s between tries; if RQ's loop gives up, a new worker
   object takes over with the same loaded model.
 
@@ -34,41 +42,53 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
 from rq.job import Job
 from rq.queue import Queue
+from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
+from rq.utils import import_attribute
 from rq.worker import SimpleWorker
 
-from backend.labelstudio.writeback import WriteBack
 from backend.queue import handlers as jobs
-from backend.queue.jobs import JobQueue
+from backend.queue.jobs import BATCH, INTERACTIVE, KINDS, WRITEBACK, JobQueue
 
 logger = logging.getLogger(__name__)
 
 TEST_DELAY_ENV = "OSPREY_TEST_JOB_DELAY_S"
+DEFAULT_QUEUES = (INTERACTIVE, BATCH, WRITEBACK)
+
+
+def media_origins(settings: Any) -> list[Any]:
+    """The trusted media origins, from the adapter function named by OSPREY_MEDIA_ORIGINS (by name: the
+    queue imports no adapter)."""
+    name = getattr(settings, "osprey_media_origins", "") or ""
+    if not name:
+        return []
+    return list(import_attribute(name)(settings))
 
 
 class WorkerRuntime:
-    """What jobs need in the worker process: the engine (loaded once), media fetcher, queue, write-back."""
+    """What jobs need in the worker process: the engine (loaded once), media fetcher and queue."""
 
-    def __init__(self, settings: Any, connection: Redis, name: str, loader: Any = None):
+    def __init__(self, settings: Any, connection: Redis, name: str, loader: Callable[[str], Any] | None = None,
+                 origins: Sequence[Any] | None = None):
         from backend.media.fetch import MediaFetcher
 
         self.settings = settings
         self.connection = connection
         self.name = name
         self.queue = JobQueue(connection, settings)
-        self.media = MediaFetcher(settings)
+        self.media = MediaFetcher(settings, media_origins(settings) if origins is None else origins)
         self.engine: Any = None
         self.refiner: Any = None  # SAM, when SAM_CHECKPOINT is set: boxes and clicks become object masks
         self.source: str | None = None
         self._failed_source: str | None = None
         self._loader = loader
-        self._writeback: WriteBack | None = None
 
     def _load_engine(self, source: str) -> Any:
         if self._loader is not None:
@@ -78,22 +98,43 @@ class WorkerRuntime:
         s = self.settings
         return load_engine(source, device=s.osprey_device, dtype=s.osprey_dtype, max_new_tokens=s.osprey_max_new_tokens)
 
+    def _release(self) -> None:
+        """Drop the held model and give its memory back before another one is loaded."""
+        self.engine = None
+        gc.collect()
+        _empty_cuda_cache()
+
     def load(self, source: str) -> None:
+        """Serve `source`. The old model is freed first; if `source` fails to load, the old one is loaded
+        again (and the failure recorded) before the error is raised."""
         started = time.perf_counter()
-        engine = self._load_engine(source)
+        previous = self.source if self.engine is not None else None
+        self._release()
+        try:
+            engine = self._load_engine(source)
+        except Exception as exc:
+            self._record_swap(False, source, f"{type(exc).__name__}: {exc}")
+            if previous is not None and previous != source:
+                logger.error("could not load model %r (%s); loading %r again", source, exc, previous)
+                self.engine, self.source = self._load_engine(previous), previous
+                self.announce()
+            raise
         if self.refiner is None and self.settings.sam_checkpoint is not None:
             from osprey_core.sam import build_refiner
 
             s = self.settings
             self.refiner = build_refiner(s.sam_checkpoint, s.sam_model_type, s.osprey_device)
-        previous, self.engine, self.source = self.engine, engine, source
-        if previous is not None:
-            del previous
-            gc.collect()
-            _empty_cuda_cache()
+        self.engine, self.source = engine, source
+        self._record_swap(True, source)
         self.announce()
         logger.info("worker %s serves %s (version %s), loaded in %.1f s", self.name, source,
                     engine.model_version, time.perf_counter() - started)
+
+    def _record_swap(self, ok: bool, source: str, error: str = "") -> None:
+        try:
+            self.queue.record_swap(ok, source, self.name, error)
+        except RedisError as exc:
+            logger.warning("could not record the model swap in Redis: %s", exc)
 
     def refresh_model(self) -> None:
         """Load the announced model source if it differs from the one held (a promotion happened)."""
@@ -113,16 +154,6 @@ class WorkerRuntime:
         if self.engine is not None and self.source is not None:
             self.queue.record_loaded_model(self.source, self.engine.model_version, self.name)
 
-    def writeback(self) -> WriteBack:
-        if self._writeback is None:
-            url, key = self.settings.label_studio_url, self.settings.label_studio_api_key
-            if not url or key is None:
-                raise RuntimeError("write-back needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY on the worker")
-            from backend.labelstudio.client import LabelStudioClient
-
-            self._writeback = WriteBack(self.queue, lambda: LabelStudioClient.from_settings(self.settings))
-        return self._writeback
-
 
 def _empty_cuda_cache() -> None:
     import sys
@@ -133,18 +164,22 @@ def _empty_cuda_cache() -> None:
 
 
 class OspreyWorker(SimpleWorker):
-    """A SimpleWorker with job heartbeats, a reaper thread and model reload (see the module docstring)."""
+    """A SimpleWorker with job heartbeats, a beat thread (liveness, reaper, retries) and model reload."""
 
     max_connection_wait_time = 2.0  # seconds between reconnection tries when Redis is down
 
     def __init__(self, queues: list[Queue], runtime: WorkerRuntime, heartbeat_s: int,
-                 test_job_delay_s: float = 0.0, **kwargs: Any):
+                 test_job_delay_s: float = 0.0, live_name: str | None = None, **kwargs: Any):
         super().__init__(queues, serializer=JSONSerializer, job_monitoring_interval=heartbeat_s, **kwargs)
         self.runtime = runtime
         self.heartbeat_s = max(1, int(heartbeat_s))
         self.test_job_delay_s = test_job_delay_s
         self.stopping = False
+        self.live_name = live_name  # set for prediction workers: their liveness entry
         self._reaper_stop = threading.Event()
+        writeback = [q for q in queues if q.name.endswith(f":{WRITEBACK}")]
+        self._retry_scheduler = (RQScheduler(writeback, connection=runtime.connection, serializer=JSONSerializer)
+                                 if writeback else None)
 
     def request_stop(self, signum: Any, frame: Any) -> None:
         """SIGINT/SIGTERM: RQ's warm shutdown (finish the running job), and no restart afterwards."""
@@ -163,7 +198,8 @@ class OspreyWorker(SimpleWorker):
         try:
             try:
                 self.runtime.queue.count_run(job.id)
-                self.runtime.refresh_model()
+                if self.runtime.engine is not None:
+                    self.runtime.refresh_model()
             except RedisError:
                 logger.warning("could not check the announced model version; keeping %s", self.runtime.source)
             if self.test_job_delay_s:
@@ -184,7 +220,26 @@ class OspreyWorker(SimpleWorker):
             except RedisError as exc:
                 logger.warning("heartbeat of job %s failed: %s", job.id, exc)
 
+    def beat_once(self) -> None:
+        """Liveness, model announcement, reaping and due write-back retries: one pass."""
+        queue = self.runtime.queue
+        if self.live_name is not None:
+            queue.heartbeat_worker(self.live_name, 3 * self.heartbeat_s)
+        self.runtime.announce()
+        queue.reap(lost_grace_s=2 * self.heartbeat_s)
+        if self._retry_scheduler is not None:
+            self._retry_scheduler.acquire_locks()
+            if self._retry_scheduler.acquired_locks:
+                try:
+                    self._retry_scheduler.enqueue_scheduled_jobs()
+                finally:
+                    self._retry_scheduler.release_locks()
+
     def start_reaper(self) -> None:
+        try:
+            self.beat_once()  # alive before the first job can arrive
+        except RedisError as exc:
+            logger.warning("first beat failed: %s", exc)
         thread = threading.Thread(target=self._reap_loop, daemon=True, name="osprey-reaper")
         thread.start()
 
@@ -195,8 +250,7 @@ class OspreyWorker(SimpleWorker):
         redis_down = False
         while not self._reaper_stop.wait(self.heartbeat_s):
             try:
-                self.runtime.announce()
-                self.runtime.queue.reap(lost_grace_s=2 * self.heartbeat_s)
+                self.beat_once()
                 if redis_down:
                     logger.info("reaper: Redis is back")
                 redis_down = False
@@ -208,34 +262,45 @@ class OspreyWorker(SimpleWorker):
                 logger.exception("reaper pass failed")
 
 
-def run_worker(settings: Any, burst: bool = False, name: str | None = None) -> None:
-    """Load the model once, then serve the interactive queue before the batch queue until stopped."""
-    from backend.queue.redis import connect, redis_url
+def run_worker(settings: Any, burst: bool = False, name: str | None = None,
+               queues: Sequence[str] = DEFAULT_QUEUES) -> None:
+    """Load the model once (unless only the writeback queue is served), then serve `queues` until stopped."""
+    from backend.queue.redis import connect_for
 
-    connection = connect(redis_url(settings))
+    connection = connect_for(settings)
     base_name = name or f"osprey-{socket.gethostname()}-{os.getpid()}"
     runtime = WorkerRuntime(settings, connection, base_name)
-    runtime.load(runtime.queue.init_model_source(settings.osprey_model))
+    ordered = runtime.queue.ordered_queues(queues)
+    predicts = any(q in KINDS for q in queues)
+    if predicts:
+        runtime.load(runtime.queue.init_model_source(settings.osprey_model))
     jobs.set_runtime(runtime)
     delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
     if delay:
         logger.warning("%s=%s: every job sleeps first (test hook)", TEST_DELAY_ENV, delay)
 
-    while True:
-        worker = None
-        try:
-            worker = OspreyWorker(runtime.queue.ordered_queues(), runtime=runtime,
-                                  heartbeat_s=settings.osprey_worker_heartbeat_s, test_job_delay_s=delay,
-                                  connection=connection, name=f"{base_name}-{uuid.uuid4().hex[:6]}")
-            worker.start_reaper()
-            worker.work(burst=burst, logging_level=settings.log_level.upper(), with_scheduler=False)
-        except RedisError as exc:
-            logger.warning("Redis unavailable (%s)", exc)
-        finally:
-            if worker is not None:
-                worker.stop_reaper()
-        if burst or (worker is not None and worker.stopping):
-            return
-        # RQ's loop quits on errors such as a Redis outage in the middle of a job: start over, model kept.
-        logger.warning("worker loop ended unexpectedly; restarting in 1 s")
-        time.sleep(1.0)
+    try:
+        while True:
+            worker = None
+            try:
+                worker = OspreyWorker(ordered, runtime=runtime, heartbeat_s=settings.osprey_worker_heartbeat_s,
+                                      test_job_delay_s=delay, live_name=base_name if predicts else None,
+                                      connection=connection, name=f"{base_name}-{uuid.uuid4().hex[:6]}")
+                worker.start_reaper()
+                worker.work(burst=burst, logging_level=settings.log_level.upper(), with_scheduler=False)
+            except RedisError as exc:
+                logger.warning("Redis unavailable (%s)", exc)
+            finally:
+                if worker is not None:
+                    worker.stop_reaper()
+            if burst or (worker is not None and worker.stopping):
+                return
+            # RQ's loop quits on errors such as a Redis outage in the middle of a job: start over, model kept.
+            logger.warning("worker loop ended unexpectedly; restarting in 1 s")
+            time.sleep(1.0)
+    finally:
+        if predicts:
+            try:
+                runtime.queue.forget_worker(base_name)
+            except RedisError:
+                pass

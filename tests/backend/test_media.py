@@ -1,4 +1,5 @@
-"""backend/media.py over real HTTP and a real directory tree.
+"""backend/media/fetch.py over real HTTP and a real directory tree, with the trusted origin the Label Studio
+adapter hands it (backend.labelstudio.client.media_origins).
 
 Two stdlib HTTP servers run in threads: one plays Label Studio's media routes (`/data/upload/...`,
 answering 401 without the API token), the other an unrelated host reached as `localhost`. They are
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from backend.labelstudio.client import media_origins
 from backend.media.fetch import MediaError, MediaFetcher
 from backend.settings import Settings
 
@@ -162,7 +164,12 @@ def servers() -> Iterator[tuple[Stub, Stub]]:
 def fetcher(ls: Stub, **overrides: object) -> MediaFetcher:
     values: dict[str, object] = {"label_studio_url": ls.url, "label_studio_api_key": TOKEN}
     values.update(overrides)
-    return MediaFetcher(Settings(**values))
+    return with_ls(Settings(**values))
+
+
+def with_ls(settings: Settings) -> MediaFetcher:
+    """A fetcher as the worker builds it: Label Studio's origin and key passed in by the adapter."""
+    return MediaFetcher(settings, media_origins(settings))
 
 
 def media_error(call: Callable[[], object]) -> MediaError:
@@ -303,7 +310,7 @@ def test_upstream_error_is_502(servers: tuple[Stub, Stub]) -> None:
 
 
 def test_unreachable_host_is_502(tmp_path: Path) -> None:
-    fetch = MediaFetcher(Settings(label_studio_url="http://127.0.0.1:1", osprey_media_timeout_s=2))
+    fetch = with_ls(Settings(label_studio_url="http://127.0.0.1:1", osprey_media_timeout_s=2))
     assert media_error(lambda: fetch.load_image("/data/upload/1/a.png")).status_code == 502
 
 
@@ -466,7 +473,7 @@ def test_errors_are_not_cached(servers: tuple[Stub, Stub]) -> None:
 
 def test_label_studio_url_must_be_http() -> None:
     with pytest.raises(ValueError, match="LABEL_STUDIO_URL"):
-        MediaFetcher(Settings(label_studio_url="ls:8080"))
+        with_ls(Settings(label_studio_url="ls:8080"))
 
 
 def test_personal_access_token_that_cannot_be_refreshed_is_502(servers: tuple[Stub, Stub]) -> None:
@@ -477,3 +484,65 @@ def test_personal_access_token_that_cannot_be_refreshed_is_502(servers: tuple[St
     error = media_error(lambda: fetcher(ls, label_studio_api_key=pat).load_image("/data/upload/1/red.png"))
     assert error.status_code == 502 and "personal access token" in error.message
     assert ls.requests == []  # no media request went out without valid credentials
+
+
+# --- defect 5: exactly Label Studio's origin, the key only on its media paths ---------------------------
+def test_label_studio_host_on_another_port_is_refused(servers: tuple[Stub, Stub]) -> None:
+    """LABEL_STUDIO_URL's host used to be allowed on every port (another service on that host was fetched,
+    and its status codes worked as a port oracle)."""
+    ls, _ = servers
+    neighbour = Stub(routes={"/img.png": send(png())})
+    server = serve(neighbour, "127.0.0.1")  # same host as Label Studio, other port
+    try:
+        error = media_error(lambda: fetcher(ls).load_image(f"{neighbour.url}/img.png"))
+        assert error.status_code == 403 and "not allowed" in error.message
+        assert neighbour.requests == []
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("path", ["/api/projects/", "/api/users/1/", "/static/a.png", "/data/export/1.json",
+                                  "/data/upload/../../api/users/"])
+def test_label_studio_paths_outside_media_are_refused_and_never_get_the_key(servers: tuple[Stub, Stub],
+                                                                             path: str) -> None:
+    ls, _ = servers
+    error = media_error(lambda: fetcher(ls).load_bytes(f"{ls.url}{path}"))
+    assert error.status_code == 403
+    assert ls.requests == []  # refused before any request: the API key went nowhere
+
+
+def test_a_redirect_from_media_to_the_api_is_refused(servers: tuple[Stub, Stub]) -> None:
+    ls, _ = servers
+    ls.routes["/data/upload/1/to-api.png"] = send(b"", 302, {"Location": "/api/current-user/token"})
+    error = media_error(lambda: fetcher(ls).load_bytes("/data/upload/1/to-api.png"))
+    assert error.status_code == 403 and "/data/upload/" in error.message
+    assert [p for p, _ in ls.requests] == ["/data/upload/1/to-api.png"]
+
+
+@pytest.mark.parametrize("url", ["/data/upload/1/red.png\t", "/data/upload/1/\tred.png",
+                                 "/data/upload/1/red.png\r\nX-Injected: 1", "/data/upload/1/red\n.png",
+                                 "/data/upload/1/red\x00.png", "/data/upload/1/red\x7f.png"])
+def test_urls_with_control_characters_are_400(servers: tuple[Stub, Stub], url: str) -> None:
+    ls, _ = servers
+    error = media_error(lambda: fetcher(ls).load_image(url))
+    assert error.status_code == 400 and "control characters" in error.message
+    assert ls.requests == []
+
+
+def test_a_huge_url_is_414_and_not_echoed_whole(servers: tuple[Stub, Stub]) -> None:
+    ls, _ = servers
+    url = "/data/upload/1/" + "a" * 1_000_000 + ".png"
+    error = media_error(lambda: fetcher(ls).load_image(url))
+    assert error.status_code == 414 and "OSPREY_MEDIA_MAX_URL_CHARS" in error.message
+    assert len(error.message) < 500
+    assert ls.requests == []
+
+
+@pytest.mark.parametrize("relative", ["imgs/" + "b" * 10_000 + ".png", "imgs/" + "c" * 300 + ".png",
+                                      "/".join(["d" * 200] * 30) + "/a.png"])
+def test_local_files_path_longer_than_the_os_allows_is_414(document_root: Path, relative: str) -> None:
+    """It used to reach the file system and come back as a 502 "File name too long"."""
+    fetch = MediaFetcher(Settings(local_files_document_root=document_root, osprey_media_max_url_chars=100_000))
+    error = media_error(lambda: fetch.load_image(f"/data/local-files/?d={relative}"))
+    assert error.status_code == 414 and "longer than the file system allows" in error.message

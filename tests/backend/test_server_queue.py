@@ -157,26 +157,61 @@ def writeback(queue, fake_ls):
     return WriteBack(queue, lambda: LabelStudioClient(fake_ls.url, "legacytoken1234567890abcdef", backoff_s=0.01))
 
 
-def test_write_back_posts_once_per_task_and_model_version(writeback, fake_ls):
+def test_write_back_posts_once_per_job_content(writeback, fake_ls):
     assert writeback.deliver(9001, prediction(), "job-a") == "created"
     assert writeback.deliver(9001, prediction(), "job-a") == "already_written"  # a retried job
-    assert writeback.deliver(9001, prediction(), "job-b") == "already_written"  # other regions, same version
+    assert writeback.deliver(9001, prediction(), "job-b") == "exists"  # same result already there: adopted
     [stored] = fake_ls.for_task(9001)
     assert stored["model_version"] == "tiny-abc" and stored["result"] == prediction()["result"]
     assert stored["score"] == 0.5
 
 
+def test_a_re_prediction_after_edited_regions_is_written_too(writeback, fake_ls):
+    """Defect 11: dedup used to be per (task, model_version) and adopted any prediction of that version,
+    so a task whose regions were edited never got a new prediction."""
+    first = prediction([{"id": "r1", "type": "labels", "value": {"labels": ["cat"]}}])
+    edited = prediction([{"id": "r1", "type": "labels", "value": {"labels": ["cat"]}},
+                         {"id": "r2", "type": "labels", "value": {"labels": ["dog"]}}])
+    assert writeback.deliver(9005, first, "job-first") == "created"
+    assert writeback.deliver(9005, edited, "job-edited") == "created"
+    assert [p["result"] for p in fake_ls.for_task(9005)] == [first["result"], edited["result"]]
+
+
 def test_write_back_adopts_a_prediction_whose_answer_was_lost(writeback, fake_ls, queue):
+    """One attempt per run (RQ retries the job): a POST answered 500 raises, and the retry finds the
+    prediction Label Studio stored anyway instead of posting it twice."""
+    from backend.labelstudio.client import LabelStudioError
+
     fake_ls.lose_next_answers = 1  # Label Studio stores it but answers 500
+    with pytest.raises(LabelStudioError) as info:
+        writeback.deliver(9002, prediction(), "job-c")
+    assert info.value.status == 500
     assert writeback.deliver(9002, prediction(), "job-c") == "exists"
     assert len(fake_ls.for_task(9002)) == 1
-    assert queue.connection.exists(queue.keys.writeback_record(9002, "tiny-abc"))
+    assert [c for c in fake_ls.calls if c[0] == "POST"].count(("POST", "/api/predictions/")) >= 1
+    assert queue.connection.exists(queue.keys.writeback_record(9002, "job-c"))
 
 
 def test_write_back_never_posts_an_empty_prediction(writeback, fake_ls, queue):
     assert writeback.deliver(9003, prediction(result=[]), "job-d") == "undeliverable"
     assert fake_ls.for_task(9003) == []
     assert b"9003" in queue.connection.hkeys(queue.keys.writeback_failed)
+
+
+def test_the_hand_off_outlives_the_output_ttl(queue):
+    """Defect 1: the hand-off key expired with OSPREY_RESULT_TTL_S while the job still waited in the queue,
+    so a job that started later published to nothing and no write-back was queued."""
+    s = spec(queue, task_id=4141)
+    queue.submit(s)
+    assert queue.claim(s.job_id, allow_handoff=True) == "handoff"
+    assert queue.connection.ttl(queue.keys.handoff(s.job_id)) == -1  # no expiry while the job waits
+    output = ok_output(prediction(), 0.1, "w")
+    assert queue.finish(s.payload(), output) is True
+    assert 0 < queue.connection.ttl(queue.keys.handoff(s.job_id)) <= queue.result_ttl
+    [delivery] = queue.writeback.get_jobs()
+    assert delivery.func_name == "backend.labelstudio.writeback.writeback_job"
+    assert delivery.args[0] == {"job_id": s.job_id, "task_id": 4141, "output": output}  # the output travels along
+    assert delivery.retry_intervals and delivery.retries_left == 5
 
 
 def test_a_handed_off_job_that_fails_is_recorded_not_dropped(queue):
@@ -201,13 +236,85 @@ def test_a_handed_off_job_that_fails_is_recorded_not_dropped(queue):
 
 def test_a_write_back_that_keeps_failing_is_recorded(queue):
     """Label Studio unreachable through every retry of the write-back job: the task is recorded, not lost."""
-    from backend.queue.handlers import on_writeback_failure
+    from backend.queue.handlers import on_delivery_failure
 
     predict_job_id = spec(queue, task_id=4343).job_id
-    queue.enqueue_writeback(predict_job_id, 4343, "tiny-abc")
+    queue.enqueue_delivery("backend.labelstudio.writeback.writeback_job", predict_job_id, 4343,
+                           ok_output(prediction(), 0.1, "w"))
     job = Job.fetch(f"{predict_job_id}-wb", connection=queue.connection, serializer=JSONSerializer)
-    assert job.failure_callback is on_writeback_failure
+    assert job.failure_callback is on_delivery_failure
+    assert job.origin == queue.writeback.name  # its own queue: no GPU worker sleeps on it
     job.retries_left = 0
-    on_writeback_failure(job, queue.connection, ConnectionError, ConnectionError("refused"), None)
+    on_delivery_failure(job, queue.connection, ConnectionError, ConnectionError("refused"), None)
     reason = queue.connection.hget(queue.keys.writeback_failed, "4343")
-    assert b"write-back to Label Studio failed: ConnectionError: refused" in reason
+    assert b"write-back failed after its retries: ConnectionError: refused" in reason
+
+
+def test_many_waiters_share_one_listener_instead_of_a_connection_each(helpers):
+    """Defect 8: each waiting request used to block in its own XREAD, holding a pooled connection for the
+    whole wait; 200 concurrent editors exhausted the pool (503 "Redis unavailable" while Redis was idle).
+    Here 120 requests wait at once on a pool of 8 connections, and every one gets its output."""
+    from backend.queue.redis import connect
+
+    settings = Settings(osprey_redis_prefix=f"q{uuid.uuid4().hex[:10]}", osprey_result_ttl_s=60)
+    connection = connect("redis://127.0.0.1:6379/0", max_connections=8, pool_timeout_s=20)
+    q = JobQueue(connection, settings)
+    publisher = JobQueue(redis.Redis.from_url("redis://127.0.0.1:6379/0"), settings)
+    specs = [spec(q, task_id=i) for i in range(120)]
+    results: dict[str, dict] = {}
+    errors: list[BaseException] = []
+    started = threading.Barrier(len(specs) + 1)
+
+    def waiter(s: JobSpec) -> None:
+        started.wait()
+        try:
+            results.update(q.wait([s.job_id], 60))
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=waiter, args=(s,)) for s in specs]
+    try:
+        for t in threads:
+            t.start()
+        started.wait()
+        helpers.wait_for(lambda: len(q.listener()) == len(specs), 60, "every request to wait")
+        for s in specs:
+            publisher.publish(s.job_id, ok_output(prediction(), 0.0, "w"))
+        for t in threads:
+            t.join(timeout=60)
+        assert errors == []
+        assert set(results) == {s.job_id for s in specs}
+        assert len(q.listener()) == 0  # waiters unregistered
+    finally:
+        helpers.purge_prefix(publisher.connection, settings.osprey_redis_prefix)
+
+
+def test_overload_is_answered_429_with_a_reason_and_no_worker_503(queue):
+    from backend.queue.jobs import NoWorker, QueueBusy
+
+    interactive = spec(queue, kind=INTERACTIVE)
+    with pytest.raises(NoWorker) as info:  # nobody beats: an interactive request cannot be answered
+        queue.submit(interactive)
+    assert info.value.status_code == 503 and "no worker is alive" in info.value.message
+    queue.heartbeat_worker("w-test", 30)
+    assert queue.live_workers() == ["w-test"]
+    queue.settings = queue.settings.model_copy(update={"osprey_max_queued_interactive": 2})
+    queue._live_cache = (0.0, 0)
+    assert queue.submit(spec(queue, 1, kind=INTERACTIVE)) and queue.submit(spec(queue, 2, kind=INTERACTIVE))
+    with pytest.raises(QueueBusy) as busy:
+        queue.submit(spec(queue, 3, kind=INTERACTIVE))
+    assert busy.value.status_code == 429 and busy.value.retry_after_s > 0
+    assert "2 interactive jobs are already queued" in busy.value.message
+    queue.forget_worker("w-test")
+    assert queue.live_workers() == []
+
+
+def test_a_waiter_gets_503_when_the_last_worker_dies(queue):
+    s = spec(queue, kind=INTERACTIVE)
+    queue.heartbeat_worker("w-dying", 30)
+    queue.submit(s)
+    timer = threading.Timer(0.3, queue.forget_worker, args=("w-dying",))
+    timer.start()
+    output = queue.wait([s.job_id], 30, require_worker=True)[s.job_id]
+    timer.join()
+    assert output["error"]["status"] == 503 and "no worker is alive" in output["error"]["message"]

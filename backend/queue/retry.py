@@ -1,0 +1,41 @@
+"""The one retry policy for calls to other services (annotation-tool APIs): bounded, with backoff, never on 4xx.
+
+Write-back retries are RQ job retries on the ``writeback`` queue (``Retry(interval=policy.intervals())``,
+run by the worker's scheduler), so nothing sleeps inside a worker between attempts and retries never stack:
+the HTTP client itself makes one attempt per job run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# 408 Request Timeout and 429 Too Many Requests are the 4xx worth another try; every other 4xx is final.
+_RETRYABLE_4XX = frozenset({408, 429})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """`retries` more attempts after the first, `first_s` * `factor`**n apart, at most `max_s`."""
+
+    retries: int = 5
+    first_s: float = 5.0
+    factor: float = 3.0
+    max_s: float = 600.0
+
+    def intervals(self) -> list[int]:
+        """Whole seconds between attempts (RQ's `Retry(interval=...)` takes integers)."""
+        return [max(1, int(min(self.max_s, self.first_s * self.factor**n))) for n in range(self.retries)]
+
+    def delay(self, attempt: int) -> float:
+        """Seconds before retry number `attempt` (0-based) for in-process callers."""
+        return min(self.max_s, self.first_s * self.factor**attempt)
+
+    @staticmethod
+    def retryable_status(status: int | None) -> bool:
+        """None (no answer: connection refused, timeout) and 5xx are retried; 4xx are not (but 408/429)."""
+        if status is None:
+            return True
+        return status >= 500 or status in _RETRYABLE_4XX
+
+
+NO_RETRY = RetryPolicy(retries=0)
