@@ -28,38 +28,54 @@ Conventions (also in the README, "Label config conventions"):
 - Not predicted: image-level (not per-region) `Choices`/`TextArea`/`Taxonomy`, choices that come from
   task data (`value="$options"`), `Number`, `Rating`, `DateTime`, `Relations`.
 
-A config with no image, no region tool or nothing to predict raises `LabelConfigError` (a ValueError),
-which `/setup` turns into a 4xx with the message.
+A config with no image, no region tool or nothing to predict, one nested deeper than `MAX_XML_DEPTH`, a
+taxonomy deeper than `MAX_TAXONOMY_DEPTH` or a label set above `backend.service.labels.MAX_LABELS` labels
+raises `LabelConfigError`, which `/setup` and `/predict` turn into a 422 with the message.
+
+`PredictionPlan` is the Label Studio view of a config (controls, result types, the image's data key);
+`to_plan()` gives the neutral `backend.service.tasks.Plan` that workers predict with.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
+from label_studio_sdk._legacy.exceptions import (
+    LabelStudioValidationErrorSentryIgnored,
+    LabelStudioXMLSyntaxErrorSentryIgnored,
+    LSConfigParseException,
+)
 from lxml import etree
 
 from backend.errors import InputError
+from backend.service.labels import MAX_LABEL_CHARS, MAX_LABELS
+from backend.service.tasks import (
+    Attribute,
+    Category,
+    Condition,
+    Description,
+    MaskTarget,
+    Plan,
+    TaskError,
+    Taxonomy,
+    TaxonomyNode,
+)
+
+__all__ = ["Attribute", "Condition", "Description", "Taxonomy", "TaxonomyNode"]  # re-exported neutral types
 
 # Geometry tools we turn into masks, by the lowercase tag of their plain form.
 GEOMETRIES = ("brush", "polygon", "rectangle", "ellipse", "keypoint")
 DETAIL_MARKER = "detail"
+MAX_XML_DEPTH = 64  # element nesting of a whole config (LabelInterface and our walks recurse over it)
+MAX_TAXONOMY_DEPTH = 32  # levels of one Taxonomy
+MAX_TAXONOMY_NODES = 20_000
+_SDK_CONFIG_ERRORS = (LabelStudioValidationErrorSentryIgnored, LabelStudioXMLSyntaxErrorSentryIgnored,
+                      LSConfigParseException, etree.LxmlError)
 
 
 class LabelConfigError(InputError):
     """The labeling config is not valid XML or has nothing this backend can predict."""
-
-
-@dataclass(frozen=True)
-class Condition:
-    """A per-region control's visibility condition (`whenTagName` / `whenLabelValue` / `whenChoiceValue`)."""
-
-    kind: Literal["tag", "label", "choice"]
-    value: str
-
-    def values(self) -> set[str]:
-        # Label Studio allows a comma-separated list of values.
-        return {v.strip() for v in self.value.split(",")} | {self.value}
 
 
 @dataclass(frozen=True)
@@ -88,34 +104,6 @@ class LabelSet:
 
 
 @dataclass(frozen=True)
-class Attribute:
-    name: str
-    choices: tuple[str, ...]
-    multiple: bool = False
-    condition: Condition | None = None
-
-
-@dataclass(frozen=True)
-class Description:
-    name: str
-    detail: Literal["short", "detailed"] = "short"
-    condition: Condition | None = None
-
-
-@dataclass(frozen=True)
-class TaxonomyNode:
-    value: str
-    children: tuple[TaxonomyNode, ...] = ()
-
-
-@dataclass(frozen=True)
-class Taxonomy:
-    name: str
-    roots: tuple[TaxonomyNode, ...]
-    condition: Condition | None = None
-
-
-@dataclass(frozen=True)
 class CategorySource:
     """Where a region's category goes: the control, the result type and the candidate labels."""
 
@@ -126,7 +114,8 @@ class CategorySource:
 
 @dataclass(frozen=True)
 class PredictionPlan:
-    """Everything the backend predicts for one labeling config; JSON-safe via `to_dict`/`from_dict`."""
+    """Everything the backend predicts for one labeling config, in Label Studio's terms; JSON via
+    `to_dict`/`from_dict`; `to_plan()` is the neutral plan workers use."""
 
     image: str  # name of the <Image> tag = `to_name` of every region
     image_key: str  # key of the image URL in task["data"]
@@ -139,11 +128,11 @@ class PredictionPlan:
     # results are skipped, while a from_name in none of these lists is an error.
     other_controls: tuple[str, ...] = ()
 
-    # ---- lookups used by ls_regions / inference -----------------------------------------------
-    def tool(self, name: str) -> RegionTool | None:
+    # ---- lookups used by regions / results ----------------------------------------------------
+    def tool(self, name: Any) -> RegionTool | None:
         return next((t for t in self.tools if t.name == name), None)
 
-    def label_set(self, name: str) -> LabelSet | None:
+    def label_set(self, name: Any) -> LabelSet | None:
         return next((s for s in self.label_sets if s.name == name), None)
 
     def tool_for_geometry(self, geometry: str) -> RegionTool | None:
@@ -168,57 +157,64 @@ class PredictionPlan:
         return []
 
     @property
+    def brush_tool(self) -> RegionTool | None:
+        """Where SAM masks go: the first `BrushLabels`, else the first plain `Brush`."""
+        brushes = [t for t in self.tools if t.geometry == "brush"]
+        return next((t for t in brushes if t.is_labels_tool), brushes[0] if brushes else None)
+
+    @property
     def predicts_anything(self) -> bool:
         has_category = any(t.labels for t in self.tools) or (
             any(not t.is_labels_tool for t in self.tools) and any(s.labels for s in self.label_sets)
         )
         return has_category or bool(self.attributes or self.descriptions or self.taxonomies)
 
+    # ---- the neutral plan -----------------------------------------------------------------------
+    def to_plan(self) -> Plan:
+        """Categories are named after their control (a `*Labels` tool or a `<Labels>` control)."""
+        categories = [Category(t.name, t.labels) for t in self.tools if t.is_labels_tool and t.labels]
+        categories += [Category(s.name, s.labels) for s in self.label_sets if s.labels]
+        brush = self.brush_tool
+        target = None
+        if brush is not None:
+            target = MaskTarget(
+                categories=tuple(c.control for c in self.categories(brush.name, brush.type)),
+                tags=(brush.name,),
+                meta={"from_name": brush.name, "type": brush.type},
+            )
+        return Plan(tuple(categories), self.attributes, self.descriptions, self.taxonomies, target)
+
     # ---- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return _lists(asdict(self))
+        neutral = Plan(attributes=self.attributes, descriptions=self.descriptions,
+                       taxonomies=self.taxonomies).to_dict()
+        return {
+            "image": self.image,
+            "image_key": self.image_key,
+            "tools": [{"name": t.name, "type": t.type, "labels": list(t.labels)} for t in self.tools],
+            "label_sets": [{"name": s.name, "labels": list(s.labels)} for s in self.label_sets],
+            "attributes": neutral["attributes"],
+            "descriptions": neutral["descriptions"],
+            "taxonomies": neutral["taxonomies"],
+            "other_controls": list(self.other_controls),
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PredictionPlan:
         try:
+            neutral = Plan.from_dict({k: data.get(k, []) for k in ("attributes", "descriptions", "taxonomies")})
             return cls(
                 image=str(data["image"]),
                 image_key=str(data["image_key"]),
                 tools=tuple(RegionTool(t["name"], t["type"], tuple(t.get("labels", ()))) for t in data["tools"]),
                 label_sets=tuple(LabelSet(s["name"], tuple(s["labels"])) for s in data.get("label_sets", ())),
-                attributes=tuple(
-                    Attribute(a["name"], tuple(a["choices"]), bool(a.get("multiple")), _condition(a.get("condition")))
-                    for a in data.get("attributes", ())
-                ),
-                descriptions=tuple(
-                    Description(d["name"], d.get("detail", "short"), _condition(d.get("condition")))
-                    for d in data.get("descriptions", ())
-                ),
-                taxonomies=tuple(
-                    Taxonomy(t["name"], tuple(_node(n) for n in t["roots"]), _condition(t.get("condition")))
-                    for t in data.get("taxonomies", ())
-                ),
+                attributes=neutral.attributes,
+                descriptions=neutral.descriptions,
+                taxonomies=neutral.taxonomies,
                 other_controls=tuple(str(n) for n in data.get("other_controls", ())),
             )
-        except (KeyError, TypeError, AttributeError) as e:
+        except (KeyError, TypeError, AttributeError, TaskError) as e:
             raise LabelConfigError(f"malformed prediction plan: {e!r}") from e
-
-
-def _lists(value: Any) -> Any:
-    """Tuples to lists, so `to_dict()` equals its own JSON round trip."""
-    if isinstance(value, dict):
-        return {k: _lists(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_lists(v) for v in value]
-    return value
-
-
-def _condition(data: dict | None) -> Condition | None:
-    return Condition(data["kind"], data["value"]) if data else None
-
-
-def _node(data: dict) -> TaxonomyNode:
-    return TaxonomyNode(data["value"], tuple(_node(c) for c in data.get("children", ())))
 
 
 # ---- parsing ------------------------------------------------------------------------------------
@@ -233,7 +229,7 @@ def parse_label_config(config: str) -> PredictionPlan:
         config = config.lstrip().split("?>", 1)[1]
     try:
         interface = LabelInterface(config)
-    except Exception as e:  # the SDK raises bare Exception subclasses for bad configs
+    except _SDK_CONFIG_ERRORS as e:  # the SDK's own exception classes for bad configs
         raise LabelConfigError(f"invalid labeling config: {e}") from e
     controls = list(interface.controls or [])
     objects = list(interface.objects or [])
@@ -293,6 +289,7 @@ def parse_label_config(config: str) -> PredictionPlan:
         taxonomies=tuple(taxonomies),
         other_controls=tuple(c.name for c in controls if c.name not in predicted),
     )
+    _check_label_sets(plan)
     if not plan.predicts_anything:
         raise LabelConfigError(
             f'nothing to predict on <Image name="{image.name}">: give the region tools labels '
@@ -312,7 +309,26 @@ def _parse_xml(config: str) -> etree._Element:
         raise LabelConfigError(f"the labeling config is not valid XML: {e}") from e
     if root.getroottree().docinfo.doctype:
         raise LabelConfigError("the labeling config must not contain a DOCTYPE")
+    depth: dict[etree._Element, int] = {root: 1}
+    for element in root.iterdescendants():
+        d = depth[element.getparent()] + 1
+        if d > MAX_XML_DEPTH:
+            raise LabelConfigError(f"the labeling config nests elements more than {MAX_XML_DEPTH} levels deep")
+        depth[element] = d
     return root
+
+
+def _check_label_sets(plan: PredictionPlan) -> None:
+    """Every label set can be scored: at most MAX_LABELS labels of at most MAX_LABEL_CHARS characters."""
+    sets = [(f"<{t.type}> {t.name!r}", t.labels) for t in plan.tools]
+    sets += [(f"<Labels> {s.name!r}", s.labels) for s in plan.label_sets]
+    sets += [(f"<Choices> {a.name!r}", a.choices) for a in plan.attributes]
+    for name, labels in sets:
+        if len(set(labels)) > MAX_LABELS:
+            raise LabelConfigError(f"{name} has {len(set(labels))} labels; at most {MAX_LABELS} can be scored")
+        long = next((v for v in labels if len(v) > MAX_LABEL_CHARS), None)
+        if long is not None:
+            raise LabelConfigError(f"{name} has a label of {len(long)} characters; at most {MAX_LABEL_CHARS}")
 
 
 def _read_condition(attr: dict) -> Condition | None:
@@ -327,16 +343,37 @@ def _read_condition(attr: dict) -> Condition | None:
 def _taxonomy_roots(root: etree._Element, name: str) -> tuple[TaxonomyNode, ...]:
     for element in root.iter():
         if isinstance(element.tag, str) and element.tag.lower() == "taxonomy" and element.get("name") == name:
-            return _choices_below(element)
+            return _choices_below(element, name)
     return ()
 
 
-def _choices_below(element: etree._Element) -> tuple[TaxonomyNode, ...]:
-    nodes = []
-    for child in element:
-        if not isinstance(child.tag, str) or child.tag.lower() != "choice":
-            continue
-        value = child.get("alias") or child.get("value")
-        if value:
-            nodes.append(TaxonomyNode(value, _choices_below(child)))
-    return tuple(nodes)
+def _is_choice(element: etree._Element) -> bool:
+    return isinstance(element.tag, str) and element.tag.lower() == "choice" and bool(
+        element.get("alias") or element.get("value"))
+
+
+def _choices_below(taxonomy: etree._Element, name: str) -> tuple[TaxonomyNode, ...]:
+    """The `<Choice>` tree under a `<Taxonomy>`, built bottom-up without recursion; limits checked first."""
+    order: list[tuple[etree._Element, int]] = []
+    stack = [(c, 1) for c in reversed(taxonomy) if _is_choice(c)]
+    while stack:
+        element, depth = stack.pop()
+        if depth > MAX_TAXONOMY_DEPTH:
+            raise LabelConfigError(f"<Taxonomy> {name!r} is more than {MAX_TAXONOMY_DEPTH} levels deep")
+        order.append((element, depth))
+        if len(order) > MAX_TAXONOMY_NODES:
+            raise LabelConfigError(f"<Taxonomy> {name!r} has more than {MAX_TAXONOMY_NODES} choices")
+        stack.extend((c, depth + 1) for c in reversed(element) if _is_choice(c))
+    built: dict[etree._Element, TaxonomyNode] = {}
+    for element, _ in reversed(order):
+        value = element.get("alias") or element.get("value")
+        if len(value) > MAX_LABEL_CHARS:
+            raise LabelConfigError(f"<Taxonomy> {name!r} has a choice of {len(value)} characters; at most "
+                                   f"{MAX_LABEL_CHARS}")
+        built[element] = TaxonomyNode(value, tuple(built[c] for c in element if _is_choice(c)))
+    nodes = tuple(built[c] for c in taxonomy if _is_choice(c))
+    siblings = [n.children for n in built.values()] + [nodes]
+    widest = max((len({n.value for n in level}) for level in siblings), default=0)
+    if widest > MAX_LABELS:
+        raise LabelConfigError(f"<Taxonomy> {name!r} has a level of {widest} choices; at most {MAX_LABELS}")
+    return nodes

@@ -1,5 +1,4 @@
-"""Label Studio result items -> `RegionRef`s: a `Region` (the mask the model sees) plus what is needed to
-answer on that region (its id, control, geometry and image size).
+"""Label Studio result items -> neutral `RegionSpec`s (backend/service/tasks.py), without rasterising.
 
 Inputs (protocol notes §2.5, §3):
 - interactive: `params.context.result`, the region just drawn plus the other "dynamic" regions of the
@@ -13,30 +12,35 @@ relations and results of controls we do not predict are skipped; a `from_name` t
 labeling config at all, a `to_name` other than the image, or a malformed value raises `RegionError`
 naming the result id.
 
-The web process parses (no image needed: geometry is in percent of `original_width`/`original_height`)
-and ships `RegionRef.to_job()` dicts; the worker rebuilds them with `RegionRef.from_job()` and, when SAM
-is configured, `refine_regions` turns boxes and clicks into object masks.
+The web process only validates and converts: percent coordinates become pixels of `original_width` x
+`original_height` (the same arithmetic as `osprey_core.regions`' Label Studio constructors, so the worker's
+masks are identical), a brush RLE is checked (header, byte range, length) and shipped as is. Nothing is
+rasterised here, whatever size a request claims; the worker compares that size with the real image first.
+What the answer needs (from_name, to_name, type, the geometry `value` as received, image_rotation) rides
+in `RegionSpec.meta`; backend/labelstudio/results.py reads it back.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import numbers
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from backend.errors import InputError
 from backend.labelstudio.config import GEOMETRIES, PredictionPlan
+from backend.service.geometry import MAX_REGIONS, check_geometry
+from backend.service.tasks import RegionSpec
 from osprey_core.errors import RegionError
-from osprey_core.regions import MaskRefiner, Region
+from osprey_core.regions import PERCENT_TOLERANCE
 
 logger = logging.getLogger(__name__)
 
 SOURCES = ("annotations", "predictions", "both")
+MAX_URL_CHARS = 4096  # longer image URLs are refused (servers and file systems refuse them anyway)
+MAX_FILE_NAME_BYTES = 255  # one path component of a /data/local-files/?d= path (NAME_MAX)
 # Keys of `value` that make up each geometry (everything else is labels/choices/text).
 GEOMETRY_KEYS = {
     "brush": ("format",),
@@ -51,77 +55,10 @@ class TaskDataError(InputError):
     """A batch task lacks what the labeling config needs (e.g. the image URL in `task["data"]`)."""
 
 
-@dataclass(frozen=True, eq=False)
-class RegionRef:
-    """One region of a Label Studio result, ready for the engine and for answering on it."""
-
-    id: str
-    from_name: str
-    to_name: str
-    type: str  # e.g. "brushlabels", "rectangle", or "rectanglelabels" from a <Labels> control
-    original_width: int
-    original_height: int
-    region: Region
-    value: dict[str, Any]  # geometry as received; for brush only {"format": "rle"} (re-encoded on output)
-    labels: tuple[str, ...] = ()  # labels the annotator gave the region
-    image_rotation: float = 0.0
-    smart: bool = False  # drawn with a smart tool (interactive context)
-    positive: bool = True  # keypoint polarity; negative clicks only steer SAM
-
-    @property
-    def geometry(self) -> str:
-        return self.type.removesuffix("labels")
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.original_width, self.original_height
-
-    def to_job(self) -> dict[str, Any]:
-        """Compact JSON for RQ payloads: the mask as compressed COCO RLE, never image bytes."""
-        return {
-            "id": self.id,
-            "from_name": self.from_name,
-            "to_name": self.to_name,
-            "type": self.type,
-            "original_width": self.original_width,
-            "original_height": self.original_height,
-            "image_rotation": self.image_rotation,
-            "value": self.value,
-            "labels": list(self.labels),
-            "smart": self.smart,
-            "positive": self.positive,
-            "mask": self.region.to_coco_rle(),
-        }
-
-    @classmethod
-    def from_job(cls, data: dict[str, Any]) -> RegionRef:
-        try:
-            width, height = int(data["original_width"]), int(data["original_height"])
-            region = Region.from_coco_rle(data["mask"], height, width, id=str(data["id"]))
-            return cls(
-                id=str(data["id"]),
-                from_name=str(data["from_name"]),
-                to_name=str(data["to_name"]),
-                type=str(data["type"]),
-                original_width=width,
-                original_height=height,
-                region=region,
-                value=dict(data["value"]),
-                labels=tuple(data.get("labels", ())),
-                image_rotation=float(data.get("image_rotation", 0.0)),
-                smart=bool(data.get("smart", False)),
-                positive=bool(data.get("positive", True)),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, RegionError):
-                raise
-            raise RegionError(f"malformed region job payload: {e!r}") from e
-
-
 # ---- parsing ------------------------------------------------------------------------------------
 
 
-def parse_context(context: Any, plan: PredictionPlan) -> list[RegionRef]:
+def parse_context(context: Any, plan: PredictionPlan) -> list[RegionSpec]:
     """Regions of an interactive request (`params.context`); None or no `result` -> []."""
     if context is None:
         return []
@@ -130,7 +67,7 @@ def parse_context(context: Any, plan: PredictionPlan) -> list[RegionRef]:
     return parse_results(context.get("result") or [], plan, smart=True)
 
 
-def parse_results(result: Any, plan: PredictionPlan, *, smart: bool = False) -> list[RegionRef]:
+def parse_results(result: Any, plan: PredictionPlan, *, smart: bool = False) -> list[RegionSpec]:
     """Regions of one result list, in order of first appearance of each region id."""
     if not isinstance(result, list):
         raise RegionError(f"result must be a list of result items, got {type(result).__name__}")
@@ -150,6 +87,8 @@ def parse_results(result: Any, plan: PredictionPlan, *, smart: bool = False) -> 
                 "such control (was the config changed after the annotation was made?)"
             )
         groups.setdefault(region_id, []).append(item)
+    if len(groups) > MAX_REGIONS:
+        raise RegionError(f"{len(groups)} regions in one result, above the limit of {MAX_REGIONS}")
     return [_region(region_id, items, plan, smart) for region_id, items in groups.items()]
 
 
@@ -166,7 +105,7 @@ def _item_id(item: dict, index: int) -> str:
     return str(region_id)
 
 
-def _region(region_id: str, items: list[dict], plan: PredictionPlan, smart: bool) -> RegionRef:
+def _region(region_id: str, items: list[dict], plan: PredictionPlan, smart: bool) -> RegionSpec:
     where = f"region {region_id!r}"
     geometry_items = [it for it in items if plan.tool(it.get("from_name")) is not None]
     labels_items = [it for it in items if plan.label_set(it.get("from_name")) is not None]
@@ -206,23 +145,31 @@ def _region(region_id: str, items: list[dict], plan: PredictionPlan, smart: bool
     height = _dimension(item, "original_height", where)
     geometry = type_.removesuffix("labels")
     try:
-        region = _build_region(geometry, value, width, height, region_id)
+        neutral = _neutral_geometry(geometry, value, width, height)
     except RegionError as e:
         raise RegionError(f"{where} ({from_name}, {geometry}): {e}") from e
     rotation = item.get("image_rotation", 0) or 0
-    return RegionRef(
+    labels_t = tuple(dict.fromkeys(labels))
+    is_click = geometry == "keypoint"
+    if is_click:
+        neutral["positive"] = [item.get("is_positive", True) is not False]
+    return RegionSpec(
         id=region_id,
-        from_name=from_name,
-        to_name=to_name,
-        type=type_,
-        original_width=width,
-        original_height=height,
-        region=region,
-        value=_geometry_value(geometry, value),
-        labels=tuple(dict.fromkeys(labels)),
-        image_rotation=float(rotation) if _is_number(rotation) else 0.0,
-        smart=smart,
-        positive=item.get("is_positive", True) is not False,
+        geometry=neutral,
+        width=width,
+        height=height,
+        labels=labels_t,
+        categories=tuple(c.control for c in plan.categories(from_name, type_)),
+        tags=(from_name,),
+        interactive=smart,
+        group="\x1f".join((from_name, *labels_t)) if smart and is_click else None,
+        meta={
+            "from_name": from_name,
+            "to_name": to_name,
+            "type": type_,
+            "value": _geometry_value(geometry, value),
+            "image_rotation": float(rotation) if _is_number(rotation) else 0.0,
+        },
     )
 
 
@@ -270,23 +217,70 @@ def _need(value: dict, key: str, default: Any = None) -> Any:
     return value[key]
 
 
-def _build_region(geometry: str, value: dict, width: int, height: int, region_id: str) -> Region:
+def _percent(value: dict, key: str, default: Any = None) -> float:
+    v = _need(value, key, default)
+    if not _is_real(v):
+        raise RegionError(f"{key} must be a number, got {v!r}")
+    f = float(v)
+    if not math.isfinite(f):
+        raise RegionError(f"{key} must be finite, got {f}")
+    return f
+
+
+def _in_range(v: float, name: str, at: str = "") -> None:
+    if not -PERCENT_TOLERANCE <= v <= 100 + PERCENT_TOLERANCE:
+        raise RegionError(f"{name}={v}% out of range [0,100]{at}")
+
+
+def _extent(v: float, name: str, what: str) -> None:
+    if not 0 < v <= 100 + PERCENT_TOLERANCE:
+        raise RegionError(f"{what} {name}={v}% out of range (0,100]")
+
+
+def _neutral_geometry(geometry: str, value: dict, width: int, height: int) -> dict[str, Any]:
+    """Label Studio percent geometry -> neutral pixel geometry, validated, never rasterised."""
     if geometry == "brush":
         fmt = value.get("format", "rle")
         if fmt != "rle":
             raise RegionError(f"brush format {fmt!r} is not supported (expected 'rle')")
-        return Region.from_ls_brush(_need(value, "rle"), width, height, id=region_id)
-    if geometry == "polygon":
-        return Region.from_ls_polygon(_need(value, "points"), width, height, id=region_id)
-    if geometry == "rectangle":
-        x, y, w, h = (_need(value, k) for k in ("x", "y", "width", "height"))
-        return Region.from_ls_rectangle(x, y, w, h, _need(value, "rotation", 0), width, height, id=region_id)
-    if geometry == "ellipse":
-        x, y, rx, ry = (_need(value, k) for k in ("x", "y", "radiusX", "radiusY"))
-        return Region.from_ls_ellipse(x, y, rx, ry, _need(value, "rotation", 0), width, height, id=region_id)
-    if geometry == "keypoint":
-        return Region.from_ls_keypoint(_need(value, "x"), _need(value, "y"), width, height, id=region_id)
-    raise RegionError(f"unsupported region type {geometry!r}")
+        out: dict[str, Any] = {"kind": "brush_rle", "rle": _need(value, "rle")}
+    elif geometry == "polygon":
+        points = _need(value, "points")
+        check_geometry({"kind": "polygon", "points": points}, width, height)
+        for i, (x, y) in enumerate(points):
+            _in_range(float(x), "x", f" at point {i}")
+            _in_range(float(y), "y", f" at point {i}")
+        out = {"kind": "polygon", "points": [[float(x) * width / 100, float(y) * height / 100] for x, y in points]}
+    elif geometry == "rectangle":
+        x, y, w, h = (_percent(value, k) for k in ("x", "y", "width", "height"))
+        _in_range(x, "x")
+        _in_range(y, "y")
+        _extent(w, "width", "rectangle")
+        _extent(h, "height", "rectangle")
+        out = {"kind": "box", "x": x * width / 100, "y": y * height / 100, "width": w * width / 100,
+               "height": h * height / 100, "rotation": _percent(value, "rotation", 0)}
+    elif geometry == "ellipse":
+        x, y, rx, ry = (_percent(value, k) for k in ("x", "y", "radiusX", "radiusY"))
+        _in_range(x, "x")
+        _in_range(y, "y")
+        _extent(rx, "radiusX", "ellipse")
+        _extent(ry, "radiusY", "ellipse")
+        out = {"kind": "ellipse", "cx": x * width / 100, "cy": y * height / 100, "rx": rx * width / 100,
+               "ry": ry * height / 100, "rotation": _percent(value, "rotation", 0)}
+    elif geometry == "keypoint":
+        x, y = _percent(value, "x"), _percent(value, "y")
+        _in_range(x, "x")
+        _in_range(y, "y")
+        px, py = min(max(x, 0.0), 100.0) * width / 100, min(max(y, 0.0), 100.0) * height / 100
+        out = {"kind": "points", "points": [[px, py]], "positive": [True]}
+    else:
+        raise RegionError(f"unsupported region type {geometry!r}")
+    check_geometry(out, width, height)
+    return out
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _geometry_value(geometry: str, value: dict) -> dict[str, Any]:
@@ -316,6 +310,26 @@ def task_image_url(task: Any, plan: PredictionPlan) -> str:
             f'{name} has no image URL under data[{plan.image_key!r}] (the config\'s <Image value="${plan.image_key}">); '
             f"data keys: {keys}"
         )
+    return _check_url(url, name)
+
+
+def _check_url(url: str, name: str) -> str:
+    """Refuse URLs no media server would serve (control characters, absurd lengths) before any fetch."""
+    if len(url) > MAX_URL_CHARS:
+        raise TaskDataError(f"{name}: the image URL is {len(url)} characters long, above the limit of {MAX_URL_CHARS}")
+    bad = next((c for c in url if ord(c) < 0x20 or ord(c) == 0x7F), None)
+    if bad is not None:
+        raise TaskDataError(f"{name}: the image URL contains the control character {bad!r} at {url.index(bad)}")
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError as e:  # urlsplit's only failure: a malformed host (e.g. an unclosed IPv6 bracket)
+        raise TaskDataError(f"{name}: the image URL is malformed: {e}") from e
+    if parts.path.rstrip("/").endswith("/data/local-files"):
+        for path in parse_qs(parts.query).get("d", []):
+            long = next((seg for seg in path.split("/") if len(seg.encode()) > MAX_FILE_NAME_BYTES), None)
+            if long is not None:
+                raise TaskDataError(f"{name}: a file name in the local-files path is {len(long.encode())} bytes long, "
+                                    f"above the limit of {MAX_FILE_NAME_BYTES}")
     return url
 
 
@@ -353,97 +367,8 @@ def select_result(task: dict, source: str = "annotations") -> list:
     return []
 
 
-def select_regions(task: dict, plan: PredictionPlan, source: str = "annotations") -> list[RegionRef]:
+def select_regions(task: dict, plan: PredictionPlan, source: str = "annotations") -> list[RegionSpec]:
     """Regions of a batch task from its latest annotation and/or prediction (see `select_result`)."""
     return parse_results(select_result(task, source), plan)
 
 
-# ---- SAM ----------------------------------------------------------------------------------------
-
-
-def refine_regions(
-    image: Any, plan: PredictionPlan, refs: Sequence[RegionRef], refiner: MaskRefiner | None
-) -> list[RegionRef]:
-    """Boxes and clicks -> object masks with SAM (worker side; needs the image).
-
-    Without a refiner, negative clicks are dropped and the rest is returned unchanged. With one:
-    - smart (interactive) keypoints of one control and label are one SAM prompt (positive and negative
-      clicks together), and smart rectangles one box prompt each; the mask comes back as a new brush
-      region (id `sam-<hash>`) of the config's brush tool, as SAM backends answer. Without a brush tool
-      the drawn region is kept, with the SAM mask as what the model sees;
-    - batch keypoints and rectangles keep their geometry and id; only the mask the model sees improves.
-    An empty SAM mask falls back to the drawn shape.
-    """
-    if refiner is None:
-        return [r for r in refs if r.positive]
-    result: list[RegionRef] = []
-    prompted: set[tuple] = set()
-    for ref in refs:
-        if ref.geometry == "keypoint" and ref.smart:
-            key = (ref.from_name, ref.labels)
-            if key not in prompted:
-                prompted.add(key)
-                group = [r for r in refs if r.geometry == "keypoint" and r.smart and (r.from_name, r.labels) == key]
-                result.extend(_refine_clicks(image, plan, group, refiner))
-        elif ref.geometry == "keypoint" and ref.positive:
-            mask = _sam(lambda r=ref: refiner.points_to_mask(image, [_pixel(r)], [1]), ref)
-            result.append(ref if mask is None else replace(ref, region=mask.with_id(ref.id)))
-        elif ref.geometry == "rectangle":
-            mask = _sam(lambda r=ref: refiner.box_to_mask(image, r.region.bbox), ref)
-            if mask is None:
-                result.append(ref)
-            elif ref.smart:
-                result.append(_as_brush(plan, [ref], mask))
-            else:
-                result.append(replace(ref, region=mask.with_id(ref.id)))
-        elif ref.positive:
-            result.append(ref)
-    return result
-
-
-def _pixel(ref: RegionRef) -> tuple[float, float]:
-    x = min(max(float(ref.value["x"]), 0.0), 100.0) * ref.original_width / 100
-    y = min(max(float(ref.value["y"]), 0.0), 100.0) * ref.original_height / 100
-    return x, y
-
-
-def _refine_clicks(image: Any, plan: PredictionPlan, group: list[RegionRef], refiner: MaskRefiner) -> list[RegionRef]:
-    positives = [r for r in group if r.positive]
-    if not positives:
-        return []  # only negative clicks: nothing to segment yet
-    mask = _sam(lambda: refiner.points_to_mask(image, [_pixel(r) for r in group], [int(r.positive) for r in group]), group[0])
-    if mask is None:
-        return positives
-    return [_as_brush(plan, group, mask)]
-
-
-def _sam(call: Any, ref: RegionRef) -> Region | None:
-    region = call()
-    if region.size != ref.size:
-        raise RegionError(
-            f"region {ref.id!r}: SAM mask is {region.width}x{region.height} but the region's image is "
-            f"{ref.original_width}x{ref.original_height}"
-        )
-    if region.area == 0:
-        logger.warning("SAM found nothing for region %s; using the drawn shape", ref.id)
-        return None
-    return region
-
-
-def _as_brush(plan: PredictionPlan, group: list[RegionRef], mask: Region) -> RegionRef:
-    brushes = [t for t in plan.tools if t.geometry == "brush"]
-    first = group[0]
-    if not brushes:
-        return replace(first, region=mask.with_id(first.id))
-    tool = next((t for t in brushes if t.is_labels_tool), brushes[0])
-    digest = hashlib.sha1("|".join(r.id for r in group).encode()).hexdigest()[:10]
-    new_id = f"sam-{digest}"
-    return replace(
-        first,
-        id=new_id,
-        from_name=tool.name,
-        type=tool.type,
-        region=mask.with_id(new_id),
-        value={"format": "rle"},
-        positive=True,
-    )

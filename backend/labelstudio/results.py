@@ -1,4 +1,8 @@
-"""Engine outputs -> Label Studio result items (protocol notes §3).
+"""Neutral answers -> Label Studio result items and predictions (protocol notes §3).
+
+`prediction_from_answers(answers, specs, plan, model_version)` is the one way answers become a Label Studio
+prediction, in the web process (interactive, batch within the budget) and in write-back
+(`prediction_from_output` on a published job output).
 
 Every item of one region reuses the region `id` (that is how Label Studio groups them), carries
 `original_width`/`original_height`/`image_rotation`, and copies the region geometry into `value`, as the
@@ -11,8 +15,8 @@ frontend does for per-region results:
 - per-region `TextArea`: geometry + `{"text": [...]}`;
 - per-region `Taxonomy`: geometry + `{"taxonomy": [[root, ..., leaf]]}` + `score` (path probability).
 
-Brush geometry is re-encoded from the mask (`format: "rle"`, alpha 255), so SAM masks and job payloads
-need no Label Studio RLE.
+Geometry comes back as received; a mask that SAM made (`RegionAnswer.mask`) becomes a brush region of the
+plan's mask target (`format: "rle"`, alpha 255) at the original image size.
 
 Prediction score (`prediction`): the lowest score of any result item, i.e. of the least certain region
 category / attribute / taxonomy path. Label Studio sorts tasks by it for review ("prediction score"
@@ -25,55 +29,47 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from backend.labelstudio.config import CategorySource
-from backend.labelstudio.regions import RegionRef
-
-
-def geometry_value(ref: RegionRef) -> dict[str, Any]:
-    """The region geometry for `value`: the drawn shape as received, brush re-encoded from the mask."""
-    if ref.geometry == "brush":
-        return {"format": "rle", "rle": ref.region.to_ls_brush()}
-    return dict(ref.value)
+from backend.service.tasks import Plan, RegionAnswer, RegionSpec, TaskError
+from osprey_core.regions import Region
 
 
 class RegionResults:
     """Collects the result items of one region; the geometry (a brush RLE can be large) is built once."""
 
-    def __init__(self, ref: RegionRef) -> None:
-        self.ref = ref
-        self.geometry = geometry_value(ref)
+    def __init__(self, region_id: str, spec: RegionSpec, from_name: str, type_: str, geometry: dict[str, Any]):
+        self.id, self.spec, self.from_name, self.type = region_id, spec, from_name, type_
+        self.geometry = geometry
         self.items: list[dict[str, Any]] = []
 
     def _add(self, from_name: str, type_: str, extra: dict[str, Any], score: float | None = None) -> None:
-        ref = self.ref
+        meta = self.spec.meta
         item: dict[str, Any] = {
-            "id": ref.id,
+            "id": self.id,
             "from_name": from_name,
-            "to_name": ref.to_name,
+            "to_name": meta["to_name"],
             "type": type_,
-            "original_width": ref.original_width,
-            "original_height": ref.original_height,
-            "image_rotation": ref.image_rotation,
+            "original_width": self.spec.width,
+            "original_height": self.spec.height,
+            "image_rotation": meta.get("image_rotation", 0.0),
             "value": {**self.geometry, **extra},
         }
         if score is not None:
             item["score"] = float(score)
         self.items.append(item)
 
-    def region(self, categories: Sequence[tuple[CategorySource, str, float]]) -> None:
-        """The region itself with its predicted categories: (target control, label, score) each."""
-        ref = self.ref
-        merged = [c for c in categories if c[0].control == ref.from_name]
+    def region(self, categories: Sequence[tuple[str, str, float]], labels: Sequence[str]) -> None:
+        """The region itself with its predicted categories: (category control, label, score) each."""
+        merged = [c for c in categories if c[0] == self.from_name]
         if merged:
-            source, label, score = merged[0]
-            self._add(ref.from_name, ref.type, {ref.type: [str(label)]}, score)
-        elif ref.type.endswith("labels"):  # nothing predicted: keep the annotator's labels
-            self._add(ref.from_name, ref.type, {ref.type: list(ref.labels)})
+            _, label, score = merged[0]
+            self._add(self.from_name, self.type, {self.type: [str(label)]}, score)
+        elif self.type.endswith("labels"):  # nothing predicted: keep the annotator's labels
+            self._add(self.from_name, self.type, {self.type: list(labels)})
         else:
-            self._add(ref.from_name, ref.type, {})
-        for source, label, score in categories:
-            if source.control != ref.from_name:
-                self._add(source.control, source.type, {source.type: [str(label)]}, score)
+            self._add(self.from_name, self.type, {})
+        for control, label, score in categories:
+            if control != self.from_name:  # split format: a `labels` result of a <Labels> control
+                self._add(control, "labels", {"labels": [str(label)]}, score)
 
     def choices(self, control: str, values: Iterable[str], score: float | None = None) -> None:
         self._add(control, "choices", {"choices": [str(v) for v in values]}, score)
@@ -85,7 +81,56 @@ class RegionResults:
         self._add(control, "taxonomy", {"taxonomy": [[str(p) for p in path]]}, score)
 
 
+def _region_results(answer: RegionAnswer, specs: dict[str, RegionSpec], plan: Plan) -> RegionResults:
+    if not answer.sources or answer.sources[0] not in specs:
+        raise TaskError(f"answer {answer.id!r} names no region of the request")
+    spec = specs[answer.sources[0]]
+    if answer.mask is not None:
+        if plan.mask_target is None:
+            raise TaskError(f"answer {answer.id!r} carries a mask but the plan has no mask target")
+        target = plan.mask_target.meta
+        rle = Region.from_coco_rle(answer.mask, spec.height, spec.width, allow_empty=True).to_ls_brush()
+        return RegionResults(answer.id, spec, target["from_name"], target["type"], {"format": "rle", "rle": rle})
+    meta = spec.meta
+    if spec.kind == "brush_rle":
+        geometry = {"format": "rle", "rle": spec.geometry["rle"]}
+    else:
+        geometry = dict(meta["value"])
+    return RegionResults(answer.id, spec, meta["from_name"], meta["type"], geometry)
+
+
+def result_items(answers: Sequence[RegionAnswer], specs: Sequence[RegionSpec], plan: Plan) -> list[dict[str, Any]]:
+    """Label Studio result items of `answers` to the regions `specs` (made by backend/labelstudio/regions.py)."""
+    by_id = {s.id: s for s in specs}
+    items: list[dict[str, Any]] = []
+    for answer in answers:
+        out = _region_results(answer, by_id, plan)
+        out.region(answer.categories, by_id[answer.sources[0]].labels)
+        for name, picked, score in answer.attributes:
+            out.choices(name, picked, score)
+        for name, text in answer.descriptions:
+            out.text(name, [text])
+        for name, path, score in answer.taxonomy:
+            out.taxonomy(name, path, score)
+        items.extend(out.items)
+    return items
+
+
 def prediction(result: list[dict[str, Any]], model_version: str) -> dict[str, Any]:
     """A whole prediction for one task; `score` is the lowest item score (see the module docstring)."""
     scores = [float(item["score"]) for item in result if item.get("score") is not None]
     return {"result": result, "score": min(scores) if scores else None, "model_version": str(model_version)}
+
+
+def prediction_from_answers(answers: Sequence[RegionAnswer], specs: Sequence[RegionSpec], plan: Plan,
+                            model_version: str) -> dict[str, Any]:
+    """The Label Studio prediction of one task from its neutral answers."""
+    return prediction(result_items(answers, specs, plan), model_version)
+
+
+def prediction_from_output(output: dict[str, Any]) -> dict[str, Any]:
+    """The prediction of a successful job output (backend/queue/handlers.py `predict_job`), which carries
+    the answers with the regions and plan they answer."""
+    answers = [RegionAnswer.from_dict(a) for a in output["answers"]]
+    specs = [RegionSpec.from_dict(r) for r in output["regions"]]
+    return prediction_from_answers(answers, specs, Plan.from_dict(output["plan"]), output["model_version"])

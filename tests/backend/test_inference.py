@@ -1,6 +1,6 @@
-"""predict_regions with the real tiny Osprey engine: the Label Studio result items it builds, checked
-against direct engine calls and against label-studio-sdk's prediction validator (the one LS 1.23 runs
-behind `fflag_feat_utc_210_prediction_validation_15082025`)."""
+"""predict_regions with the real tiny Osprey engine: its neutral answers, turned into Label Studio result
+items by the LS adapter, checked against direct engine calls and against label-studio-sdk's prediction
+validator (the one LS 1.23 runs behind `fflag_feat_utc_210_prediction_validation_15082025`)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
 from backend.labelstudio.config import parse_label_config
-from backend.labelstudio.regions import RegionRef, parse_context, parse_results
-from backend.labelstudio.results import prediction
-from backend.service.predict import predict_regions
+from backend.labelstudio.regions import parse_context, parse_results
+from backend.labelstudio.results import prediction, result_items
+from backend.service import predict
+from backend.service.geometry import rasterise
+from backend.service.tasks import Plan, RegionAnswer, RegionSpec
 from osprey_core import load_engine
 from osprey_core.errors import RegionError
 from osprey_core.regions import Region
@@ -51,6 +53,19 @@ class Counting:
             return method(image, regions, *args, **kwargs)
 
         return call
+
+
+def predict_regions(engine, image, plan, specs, refiner=None):
+    """The whole path as the worker and the LS adapter run it: LS plan -> neutral plan -> answers (through
+    their JSON, as they travel) -> LS result items."""
+    neutral = plan.to_plan()
+    answers = predict.predict_regions(engine, image, neutral, specs, refiner=refiner)
+    shipped = [RegionAnswer.from_dict(json.loads(json.dumps(a.to_dict()))) for a in answers]
+    return result_items(shipped, specs, neutral)
+
+
+def mask_of(spec):
+    return rasterise(spec, spec.size).mask
 
 
 def config(name):
@@ -137,7 +152,7 @@ def test_plain_rectangle_uses_split_format_and_one_classify_per_label_set(engine
     assert geometry["type"] == "rectangle" and "score" not in geometry
     assert geometry["value"] == {"x": 15.625, "y": 16.0, "width": 46.875, "height": 45.0, "rotation": 0}
     labelled = items[("b1", "object")]
-    box_masks = [r.region for r in refs[:2]]
+    box_masks = [mask_of(r) for r in refs[:2]]
     expected = engine.classify(image, box_masks, ["car", "bus", "bicycle", "person"])
     assert labelled["type"] == "labels" and labelled["value"]["labels"] == [expected[0].label]
     assert {k: v for k, v in labelled["value"].items() if k != "labels"} == geometry["value"]
@@ -163,7 +178,7 @@ def test_taxonomy_path_top_down_and_multiple_choice(engine, image):
         if len(nodes) == 1:
             pick, p = nodes[0].value, 1.0
         else:
-            cls = engine.classify(image, [ref.region], [n.value for n in nodes])[0]
+            cls = engine.classify(image, [mask_of(ref)], [n.value for n in nodes])[0]
             pick, p = cls.label, cls.score
         path.append(pick)
         prob *= p
@@ -171,7 +186,7 @@ def test_taxonomy_path_top_down_and_multiple_choice(engine, image):
     assert items["kind"]["type"] == "taxonomy" and items["kind"]["value"]["taxonomy"] == [path]
     assert items["kind"]["score"] == pytest.approx(prob)
 
-    cls = engine.attributes(image, [ref.region], {"pattern": ["striped", "spotted", "plain"]})[0]["pattern"]
+    cls = engine.attributes(image, [mask_of(ref)], {"pattern": ["striped", "spotted", "plain"]})[0]["pattern"]
     expected = [c for c in ("striped", "spotted", "plain") if c == cls.label or cls.scores[c] > 1 / 3]
     assert items["pattern"]["value"]["choices"] == expected
     assert items["ellipse"]["value"]["ellipselabels"] == ["object"] and items["ellipse"]["score"] == pytest.approx(1.0)
@@ -250,9 +265,12 @@ def test_job_payload_round_trip_gives_the_same_result(engine, image):
     item = {"id": "P", "from_name": "part", "to_name": "image", "type": "polygonlabels", "original_width": W,
             "original_height": H, "value": {"points": [[5, 5], [90, 10], [50, 90]], "polygonlabels": ["door"]}}
     refs = parse_results([item], plan)
-    shipped = [RegionRef.from_job(json.loads(json.dumps(r.to_job()))) for r in refs]
-    plan_shipped = type(plan).from_dict(json.loads(json.dumps(plan.to_dict())))
-    assert predict_regions(engine, image, plan_shipped, shipped) == predict_regions(engine, image, plan, refs)
+    shipped = [RegionSpec.from_dict(json.loads(json.dumps(r.to_dict()))) for r in refs]
+    neutral = plan.to_plan()
+    plan_shipped = Plan.from_dict(json.loads(json.dumps(neutral.to_dict())))
+    assert plan_shipped == neutral
+    answers = predict.predict_regions(engine, image, plan_shipped, shipped)
+    assert result_items(answers, shipped, plan_shipped) == predict_regions(engine, image, plan, refs)
 
 
 def test_size_mismatch_and_empty_input(engine, image):

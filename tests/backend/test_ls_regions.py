@@ -1,5 +1,5 @@
-"""Label Studio result items -> RegionRefs: the payload shapes of LS 1.23 (protocol notes §2.5, §3),
-batch selection, job payloads, SAM refinement and clear errors for malformed items."""
+"""Label Studio result items -> neutral RegionSpecs: the payload shapes of LS 1.23 (protocol notes §2.5, §3),
+batch selection, job payloads, SAM refinement (service side) and clear errors for malformed items."""
 
 from __future__ import annotations
 
@@ -10,19 +10,29 @@ import math
 import numpy as np
 import pytest
 
-from backend.labelstudio.config import parse_label_config
+from backend.labelstudio.config import PredictionPlan, parse_label_config
 from backend.labelstudio.regions import (
-    RegionRef,
     TaskDataError,
     parse_context,
     parse_results,
-    refine_regions,
     select_regions,
     select_result,
     task_image_url,
 )
+from backend.service.geometry import rasterise
+from backend.service.predict import refine_regions as refine
+from backend.service.tasks import RegionSpec, TaskError
 from osprey_core.errors import RegionError
 from osprey_core.regions import Region
+
+
+def mask_of(spec: RegionSpec) -> Region:
+    """What the worker rasterises for a spec (on an image of the size it claims)."""
+    return rasterise(spec, spec.size)
+
+
+def refine_regions(image, plan: PredictionPlan, specs, sam):
+    return refine(image, plan.to_plan(), specs, sam)
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -72,28 +82,35 @@ def brush_context():
 
 def test_interactive_keypoint(plan):
     (ref,) = parse_context(KEYPOINT, plan)
-    assert (ref.id, ref.from_name, ref.type, ref.geometry) == ("fBWv1t0S2L", "tag2", "keypointlabels", "keypoint")
-    assert ref.size == (1080, 1080) and ref.smart and ref.positive and ref.labels == ("Banana",)
-    assert ref.value == {"x": 49.44, "y": 59.97, "width": 0.32}  # geometry only, labels stripped
+    assert (ref.id, ref.meta["from_name"], ref.meta["type"], ref.kind) == ("fBWv1t0S2L", "tag2", "keypointlabels", "points")
+    assert ref.size == (1080, 1080) and ref.interactive and ref.geometry["positive"] == [True]
+    assert ref.labels == ("Banana",) and ref.categories == ("tag2",) and ref.tags == ("tag2",)
+    assert ref.geometry["points"] == [[49.44 * 1080 / 100, 59.97 * 1080 / 100]]  # pixels
+    assert ref.meta["value"] == {"x": 49.44, "y": 59.97, "width": 0.32}  # geometry only, labels stripped
     # The disk sits on the clicked pixel.
-    assert ref.region.mask[int(59.97 * 1080 / 100), int(49.44 * 1080 / 100)]
-    assert ref.region.id == "fBWv1t0S2L"
+    region = mask_of(ref)
+    assert region.mask[int(59.97 * 1080 / 100), int(49.44 * 1080 / 100)]
+    assert region.id == "fBWv1t0S2L"
 
 
 def test_interactive_rectangle_and_polygon(plan):
     (rect,) = parse_context(RECTANGLE, plan)
-    assert rect.region.bbox == (240, 216, 818, 490)  # 12.5% of 1920 .. (12.5+30.1)%, 20% of 1080 .. 45.4%
-    assert rect.value == {"x": 12.5, "y": 20.0, "width": 30.1, "height": 25.4, "rotation": 0}
+    assert mask_of(rect).bbox == (240, 216, 818, 490)  # 12.5% of 1920 .. (12.5+30.1)%, 20% of 1080 .. 45.4%
+    assert rect.meta["value"] == {"x": 12.5, "y": 20.0, "width": 30.1, "height": 25.4, "rotation": 0}
+    assert rect.geometry == {"kind": "box", "x": 240.0, "y": 216.0, "width": 30.1 * 1920 / 100,
+                             "height": 25.4 * 1080 / 100, "rotation": 0.0}
     (poly,) = parse_context(POLYGON, plan)
-    assert poly.value["points"] == [[10.1, 20.2], [30.0, 22.5], [25.3, 40.0]] and poly.value["closed"] is True
-    x0, y0, x1, y1 = poly.region.bbox
+    assert poly.meta["value"]["points"] == [[10.1, 20.2], [30.0, 22.5], [25.3, 40.0]]
+    assert poly.meta["value"]["closed"] is True
+    x0, y0, x1, y1 = mask_of(poly).bbox
     assert (x0, y0) == (round(10.1 * 19.2), round(20.2 * 10.8)) and x1 <= 576 and y1 <= 432
 
 
 def test_interactive_brush_decodes_the_rgba_rle(plan):
     (ref,) = parse_context(brush_context(), plan)
-    assert np.array_equal(ref.region.mask, brush_mask())
-    assert ref.value == {"format": "rle"}  # the LS RLE is re-encoded from the mask on output
+    assert ref.kind == "brush_rle" and ref.geometry["rle"] == brush_context()["result"][0]["value"]["rle"]
+    assert np.array_equal(mask_of(ref).mask, brush_mask())  # decoded by the worker, not here
+    assert ref.meta["value"] == {"format": "rle"}
 
 
 def test_rotated_rectangle_and_ellipse(plan):
@@ -107,8 +124,8 @@ def test_rotated_rectangle_and_ellipse(plan):
     ]
     rect, ellipse = parse_results(items, plan)
     # 90 degrees clockwise about the top-left corner (50, 10): the box swings to x in [30, 50].
-    assert rect.region.bbox == (30, 10, 50, 30)
-    assert ellipse.region.bbox == (40, 45, 60, 55)
+    assert mask_of(rect).bbox == (30, 10, 50, 30)
+    assert mask_of(ellipse).bbox == (40, 45, 60, 55)
 
 
 def test_batch_split_and_merged_labels_and_skipped_items(plan):
@@ -127,24 +144,24 @@ def test_batch_split_and_merged_labels_and_skipped_items(plan):
         {"from_id": "s1", "to_id": "m1", "type": "relation", "direction": "right", "labels": ["near"]},
     ]
     split, merged = parse_results(result, plan)
-    assert (split.id, split.from_name, split.type, split.labels) == ("s1", "box", "rectangle", ("Dog",))
-    assert (merged.id, merged.from_name, merged.type, merged.labels) == ("m1", "kind", "rectanglelabels", ("Cat",))
-    assert np.array_equal(split.region.mask, merged.region.mask)
-    assert split.region.bbox == (20, 10, 60, 40)
+    assert (split.id, split.meta["from_name"], split.meta["type"], split.labels) == ("s1", "box", "rectangle", ("Dog",))
+    assert (merged.id, merged.meta["from_name"], merged.meta["type"], merged.labels) == (
+        "m1", "kind", "rectanglelabels", ("Cat",))
+    assert split.categories == ("kind",) and merged.categories == ("kind",)  # split vs merged answer shapes
+    assert np.array_equal(mask_of(split).mask, mask_of(merged).mask)
+    assert mask_of(split).bbox == (20, 10, 60, 40)
 
 
-def test_to_job_round_trip_is_json_and_exact(plan):
+def test_job_payload_round_trip_is_json_and_exact(plan):
     refs = parse_context(brush_context(), plan) + parse_context(RECTANGLE, plan) + parse_context(KEYPOINT, plan)
     for ref in refs:
-        payload = json.loads(json.dumps(ref.to_job()))
-        assert isinstance(payload["mask"]["counts"], str)
-        assert len(json.dumps(payload)) < 2000  # compact: COCO RLE, not a raster
-        back = RegionRef.from_job(payload)
-        assert back.region == ref.region
-        for name in ("id", "from_name", "to_name", "type", "size", "value", "labels", "smart", "positive"):
-            assert getattr(back, name) == getattr(ref, name), name
-    with pytest.raises(RegionError, match="malformed region job payload"):
-        RegionRef.from_job({"id": "x"})
+        payload = json.loads(json.dumps(ref.to_dict()))
+        assert len(json.dumps(payload)) < 2000  # compact: geometry, never a raster
+        back = RegionSpec.from_dict(payload)
+        assert back == ref
+        assert mask_of(back) == mask_of(ref)
+    with pytest.raises(TaskError, match="malformed region payload"):
+        RegionSpec.from_dict({"id": "x"})
 
 
 # ---- batch selection -------------------------------------------------------------------------------
@@ -175,7 +192,7 @@ def batch_task():
 
 def test_select_latest_annotation_skipping_cancelled(plan):
     refs = select_regions(batch_task(), plan)
-    assert [r.id for r in refs] == ["latest", "latest2"] and not any(r.smart for r in refs)
+    assert [r.id for r in refs] == ["latest", "latest2"] and not any(r.interactive for r in refs)
     assert [r.id for r in select_regions(batch_task(), plan, "predictions")] == ["p-new"]
     assert [r.id for r in select_regions(batch_task(), plan, "both")] == ["latest", "latest2"]
     only_predictions = {**batch_task(), "annotations": []}
@@ -309,8 +326,10 @@ def test_smart_clicks_become_one_brush_region(plan):
     sam = FakeSam()
     (brush,) = refine_regions(image, plan, refs, sam)
     assert sam.calls == [("points", [(20.0, 30.0), (40.0, 50.0), (60.0, 60.0)], [1, 1, 0])]
-    assert brush.from_name == "brush" and brush.type == "brushlabels" and brush.value == {"format": "rle"}
+    assert brush.replaced and brush.categories == ("brush",) and brush.tags == ("brush",)  # the BrushLabels tool
+    assert plan.to_plan().mask_target.meta == {"from_name": "brush", "type": "brushlabels"}
     assert brush.id.startswith("sam-") and brush.region.id == brush.id and brush.labels == ("Banana",)
+    assert brush.sources == ("a", "b", "n")
     assert brush.region.bbox == (15, 25, 45, 55)
     # Same clicks -> same id; another click set -> another id (a new suggestion, not a clash).
     again = refine_regions(image, plan, parse_context(clicks(("a", 20, 30, True), ("b", 40, 50, True),
@@ -327,9 +346,9 @@ def test_smart_rectangle_becomes_brush_and_batch_rectangle_keeps_geometry(plan):
     sam = FakeSam()
     (smart,) = refine_regions(image, plan, parse_context({"result": [item]}, plan), sam)
     assert sam.calls == [("box", (20, 10, 60, 50))]
-    assert smart.type == "brushlabels" and smart.region.bbox == (22, 12, 58, 48)
+    assert smart.replaced and smart.categories == ("brush",) and smart.region.bbox == (22, 12, 58, 48)
     (batch,) = refine_regions(image, plan, parse_results([item], plan), FakeSam())
-    assert (batch.id, batch.type, batch.value["width"]) == ("R1", "rectanglelabels", 20)
+    assert (batch.id, batch.replaced, batch.categories) == ("R1", False, ("label",))
     assert batch.region.bbox == (22, 12, 58, 48)  # the model sees the SAM mask, LS gets its box back
 
 
@@ -348,5 +367,6 @@ def test_without_a_brush_tool_sam_keeps_the_drawn_region():
     image = np.zeros((100, 100, 3), dtype=np.uint8)
     refs = parse_context({"result": [{**clicks(("a", 20, 30, True))["result"][0], "from_name": "kp",
                                       "value": {"x": 20, "y": 30, "keypointlabels": ["a"]}}]}, plan)
+    assert plan.to_plan().mask_target is None
     (ref,) = refine_regions(image, plan, refs, FakeSam())
-    assert (ref.id, ref.type) == ("a", "keypointlabels") and ref.region.bbox == (15, 25, 25, 35)
+    assert (ref.id, ref.replaced, ref.categories) == ("a", False, ("kp",)) and ref.region.bbox == (15, 25, 25, 35)
