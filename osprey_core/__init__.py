@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CheckpointError", "Classification", "ConfigError", "ImageError", "OspreyConfig", "OspreyError",
     "PromptError", "Region", "RegionEngine", "RegionError", "build_model", "get_preset", "load_engine",
+    "model_version",
 ]
 
 
@@ -37,12 +38,18 @@ def load_engine(
     `quantization`: None, "8bit" or "4bit" (CUDA + bitsandbytes; the version names it).
     """
     from .engine import RegionEngine
-    from .factory import load_model, weights_fingerprint
+    from .factory import load_versioned
 
-    model, tokenizer, cfg = load_model(source, device=device, dtype=dtype, vision_tower_file=vision_tower_file,
-                                       quantization=quantization)
-    version = f"{cfg.name}-{weights_fingerprint(model)}" + (f"-{quantization}" if quantization else "")
+    model, tokenizer, _, version = load_versioned(source, device=device, dtype=dtype,
+                                                  vision_tower_file=vision_tower_file, quantization=quantization)
     return RegionEngine(model, tokenizer, model_version=version, **engine_kwargs)
+
+
+def model_version(source: str) -> str:
+    """The version `load_engine(source)` would serve, without loading a directory's weights."""
+    from .versioning import version_of_source
+
+    return version_of_source(source)
 
 
 def __getattr__(name: str):

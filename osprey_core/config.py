@@ -62,12 +62,23 @@ class OspreyConfig:
     text: TextConfig = field(default_factory=TextConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     mm_projector_type: str = "mlp2x_gelu"
-    # Temperature applied to label log-likelihoods before normalising over a label set; fitted by
-    # calibration (training), 1.0 means the raw model distribution.
+    # Scores are softmax(loglik / score_temperature) over the candidates' sequence log-likelihoods
+    # (docs/scores-and-versions.md). 1.0 is the raw model distribution; only a temperature fitted on
+    # held-out data (training sets `score_temperature_fitted`) makes the scores "calibrated".
     score_temperature: float = 1.0
+    score_temperature_fitted: bool = False
+    # Mean per-token log-likelihood instead of the sum (longer labels are not penalised per token).
+    score_length_normalized: bool = False
+    # How the temperature was fitted, for people to read: e.g. {"method": "nll", "examples": 400,
+    # "ece_before": 0.12, "ece_after": 0.03, "fitted_on": "<version>"}.
+    score_calibration: dict[str, Any] | None = None
     # Ids of the two added tokens; never embedded (spec §1.3).
     mask_token_id: int = 32000
     pos_token_id: int = 32001
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.score_temperature, (int, float)) and self.score_temperature > 0):
+            raise ConfigError(f"score_temperature must be a positive number, got {self.score_temperature!r}")
 
     @property
     def mm_hidden_size(self) -> int:
@@ -107,6 +118,9 @@ class OspreyConfig:
         if hf.get("mm_hidden_size") not in (None, cfg.mm_hidden_size):
             raise ConfigError(f"mm_hidden_size={hf['mm_hidden_size']} does not match res4 width {cfg.mm_hidden_size}")
         cfg.score_temperature = float(hf.get("osprey_score_temperature", 1.0))
+        cfg.score_temperature_fitted = bool(hf.get("osprey_score_temperature_fitted", False))
+        cfg.score_length_normalized = bool(hf.get("osprey_score_length_normalized", False))
+        cfg.score_calibration = hf.get("osprey_score_calibration")
         cfg.mask_token_id = text.vocab_size
         cfg.pos_token_id = text.vocab_size + 1
         return cfg

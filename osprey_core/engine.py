@@ -5,6 +5,14 @@ prompt): the system + image prefix (~1,070 tokens on the 7B) prefilled once and 
 Per call: all regions' mask embeddings in one extractor pass; every region × every candidate label
 scored in one packed forward (see packing.py); greedy generation decodes all regions together.
 `osprey_core.reference` holds the plain one-region-at-a-time path the tests compare against.
+
+Scores (docs/scores-and-versions.md): softmax over the candidates' sequence log-likelihoods (sum over the
+answer's tokens and its `</s>`, or their mean with `score_length_normalized`) divided by
+`score_temperature`; "calibrated" only when that temperature was fitted on held-out data.
+
+Not thread-safe: the caches (images, prefix KV, prompts, layouts) and `stats` are plain dicts mutated
+by every call, and one model forward at a time is what the memory budget assumes. Call one engine from
+one thread, or hold a lock around every call (the backend worker runs one job at a time).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from .errors import PromptError, RegionError
 from .image_processing import image_hash, preprocess, to_pil
 from .modeling.modeling_osprey import ImageFeatures, OspreyForCausalLM
 from .packing import PackedSequence, PrefixState, run_prefix
-from .tokenizer import continuation_ids, tokenizer_image_token
+from .tokenizer import continuation_ids, decode_answer, tokenizer_image_token
 
 
 @dataclass
@@ -28,7 +36,8 @@ class Classification:
     label: str
     score: float
     scores: dict[str, float]
-    logprobs: dict[str, float] = field(default_factory=dict)
+    logprobs: dict[str, float] = field(default_factory=dict)  # summed token log-likelihoods
+    token_counts: dict[str, int] = field(default_factory=dict)  # answer tokens + </s>, per candidate
 
 
 @dataclass
@@ -264,28 +273,57 @@ class RegionEngine:
             out[group.start : group.stop] = totals.reshape(len(group), len(options)).numpy()
         return out
 
-    def _classifications(self, logliks: np.ndarray, options: list[str]) -> list[Classification]:
-        temp = self.model.cfg.score_temperature
+    def option_token_counts(self, question: str, options: list[str]) -> list[int]:
+        """Tokens each option is scored on (its answer tokens and `</s>`): the length normalisation."""
+        text, ids, _, _ = self._prompt(question)
+        return [len(self._option_ids(text, ids, o)) for o in options]
+
+    def score_info(self) -> dict:
+        """What a score means for this model, for /setup and the UI (see docs/scores-and-versions.md)."""
+        cfg = self.model.cfg
+        return {
+            "method": "softmax over candidate "
+            + ("mean per-token log-likelihoods" if cfg.score_length_normalized else "sequence log-likelihoods"),
+            "temperature": float(cfg.score_temperature),
+            "calibrated": bool(cfg.score_temperature_fitted),
+            "length_normalized": bool(cfg.score_length_normalized),
+            "calibration": cfg.score_calibration,
+        }
+
+    def _classifications(self, logliks: np.ndarray, options: list[str], counts: list[int]) -> list[Classification]:
+        cfg = self.model.cfg
+        probs = candidate_scores(logliks, counts, cfg.score_temperature, cfg.score_length_normalized)
         results = []
-        for row in logliks:
-            z = torch.tensor(row / temp, dtype=torch.float64)
-            probs = torch.softmax(z, dim=0).tolist()
-            best = int(np.argmax(row))
+        for row, p in zip(logliks, probs, strict=True):
+            best = int(np.argmax(p))
             results.append(
                 Classification(
                     label=options[best],
-                    score=float(probs[best]),
-                    scores={o: float(p) for o, p in zip(options, probs, strict=True)},
+                    score=float(p[best]),
+                    scores={o: float(v) for o, v in zip(options, p, strict=True)},
                     logprobs={o: float(v) for o, v in zip(options, row, strict=True)},
+                    token_counts=dict(zip(options, counts, strict=True)),
                 )
             )
         return results
 
+    def merge_classifications(self, parts: list[list[Classification]]) -> list[Classification]:
+        """One classification per region over the union of label chunks scored separately (each part
+        covers all regions for its own labels, e.g. from `classify` on a slice of a large label set):
+        the same distribution as one call on every label, with memory bounded by the chunk size."""
+        if not parts:
+            return []
+        options = [o for part in parts for o in part[0].logprobs] if parts[0] else []
+        logliks = np.array([[v for part in parts for v in part[i].logprobs.values()] for i in range(len(parts[0]))])
+        counts = [n for part in parts for n in part[0].token_counts.values()] if parts[0] else []
+        return self._classifications(logliks.reshape(len(parts[0]), len(options)), options, counts)
+
     def classify(self, image, regions, labels: list[str]) -> list[Classification]:
         """Label-set constrained classification with the official category prompt."""
         labels = _unique(labels)
+        question = conv.category_question()
         return self._classifications(
-            self.option_logliks(image, regions, conv.category_question(), labels), labels
+            self.option_logliks(image, regions, question, labels), labels, self.option_token_counts(question, labels)
         )
 
     def attributes(self, image, regions, attributes: dict[str, list[str]]) -> list[dict[str, Classification]]:
@@ -293,8 +331,10 @@ class RegionEngine:
         out: list[dict[str, Classification]] = [{} for _ in regions]
         for name, values in attributes.items():
             values = _unique(values)
+            question = conv.attribute_question(name)
             res = self._classifications(
-                self.option_logliks(image, regions, conv.attribute_question(name), values), values
+                self.option_logliks(image, regions, question, values), values,
+                self.option_token_counts(question, values),
             )
             for i, c in enumerate(res):
                 out[i][name] = c
@@ -340,7 +380,7 @@ class RegionEngine:
                 logits = packed.extend(self.model, self.model.embed_ids(ids), active, pos)
                 self.stats["forward_calls"] += 1
                 last = {r: logits[i] for i, r in enumerate(active)}
-        return [self.tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+        return [decode_answer(self.tokenizer, a) for a in answers]
 
     def describe(self, image, regions, detail: str = "short", max_new_tokens: int | None = None) -> list[str]:
         answers = self.generate(image, regions, conv.description_question(detail), max_new_tokens)
@@ -348,6 +388,21 @@ class RegionEngine:
 
     def ask(self, image, regions, question: str, max_new_tokens: int | None = None) -> list[str]:
         return self.generate(image, regions, conv.open_question(question), max_new_tokens)
+
+
+def candidate_scores(logliks: np.ndarray, counts: list[int], temperature: float,
+                     length_normalized: bool = False) -> np.ndarray:
+    """(Q, L) log-likelihoods -> (Q, L) scores: softmax(loglik / T), or of the per-token mean loglik."""
+    if not temperature > 0:
+        raise ValueError(f"the score temperature must be positive, got {temperature!r}")
+    z = np.asarray(logliks, dtype=np.float64).reshape(len(logliks), len(counts))
+    if length_normalized:
+        z = z / np.asarray(counts, dtype=np.float64)[None, :]
+    z = z / temperature
+    if not z.size:
+        return z
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def _unique(values: list[str]) -> list[str]:

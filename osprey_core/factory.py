@@ -3,7 +3,6 @@ or a Hugging Face repo id -> model, tokenizer, engine."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -95,13 +94,33 @@ def materialize_buffers(model: OspreyForCausalLM) -> None:
 
 
 def weights_fingerprint(model: OspreyForCausalLM) -> str:
-    """Short hash of a few weight tensors: distinguishes model versions without hashing gigabytes."""
-    h = hashlib.blake2b(digest_size=4)
-    for name, p in list(model.state_dict().items())[:: max(1, len(model.state_dict()) // 16)]:
-        h.update(name.encode())
-        if p.device.type != "meta":
-            h.update(p.detach().float().flatten()[:64].cpu().numpy().tobytes())
-    return h.hexdigest()
+    """64-bit hex digest over every weight tensor (versioning.tensor_digest): any changed value shows.
+    A full model version also covers config and tokenizer: `versioning.version_of_model`."""
+    from .versioning import DIGEST_HEX, tensor_digest
+
+    return tensor_digest(model.state_dict())[:DIGEST_HEX]
+
+
+def load_versioned(source: str | Path, quantization: str | None = None, **kwargs):
+    """`load_model` plus the loaded model's content-addressed version -> (model, tokenizer, cfg, version).
+
+    A checkpoint (or adapter) directory is versioned by its files' cached sha256, so a large checkpoint
+    is read once for hashing, not at every start; a preset by its tensors. A quantized load gets its
+    own version (`...-4bit`): its outputs differ."""
+    from . import versioning
+    from .config import PRESETS
+
+    name = OFFICIAL_WEIGHTS.get(str(source), str(source))
+    if name in PRESETS:
+        model, tokenizer, cfg = load_model(name, quantization=quantization, **kwargs)
+        version = versioning.version_of_model(model, tokenizer, cfg)
+    else:
+        from .checkpoint import resolve_source
+
+        path = resolve_source(name)
+        model, tokenizer, cfg = load_model(path, quantization=quantization, **kwargs)
+        version = versioning.version_of_directory(path, cfg)
+    return model, tokenizer, cfg, version + (f"-{quantization}" if quantization else "")
 
 
 def load_model(
