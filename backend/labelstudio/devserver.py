@@ -25,7 +25,7 @@ LS_VERSION = "1.23.2"
 LS_BIN = REPO / ".venv-ls" / "bin" / "label-studio"
 LS_EMAIL = "admin@example.com"
 LS_PASSWORD = "Passw0rd-123"
-LS_START_TIMEOUT_S = 240.0  # a fresh database runs all migrations: ~30 s, slower on a busy 2-core machine
+LS_START_TIMEOUT_S = 480.0  # a fresh database runs all migrations: ~30 s alone, minutes on a busy 2-core machine
 # Label Studio passes prefixed variables through (LABEL_STUDIO_x, HEARTEX_x, x): none may leak in from outside.
 _LS_ENV_DROP = ("LABEL_STUDIO_", "HEARTEX_", "DJANGO_", "POSTGRE_", "MYSQL_", "REDIS_", "OSPREY_", "BASIC_AUTH_")
 
