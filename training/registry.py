@@ -464,11 +464,14 @@ class Registry:
         decision = decide(cand, current_metrics, margin=margin, max_label_drop=max_label_drop, metric=metric)
         decision.candidate_version, decision.current_version = candidate, cur_id
         if decision.promote:
-            decision.promoted = True
-            self.record_decision(candidate, decision)
-            self.promote(candidate, reason="gate: " + "; ".join(decision.reasons))
-        else:
-            self.record_decision(candidate, decision)
+            problems = self.verify(candidate)
+            if problems:
+                decision.promote = False
+                decision.reasons.append("files do not match the manifest: " + "; ".join(problems))
+        decision.promoted = decision.promote
+        self.record_decision(candidate, decision)
+        if decision.promote:
+            self.promote(candidate, reason="gate: " + "; ".join(decision.reasons), verify=False)
         return decision
 
     def rollback(self) -> str:

@@ -253,3 +253,14 @@ def test_version_id_is_the_id_the_engine_serves(reg, tmp_path) -> None:
     _, _, _, served = load_versioned(reg.path(info.version))
     assert served == info.version
     assert reg.verify(info.version) == []  # loading (and its hash cache) leaves the manifest intact
+
+
+def test_gate_refuses_a_better_but_corrupt_candidate(reg, tmp_path) -> None:
+    cur = reg.register(model_dir(tmp_path, "a", 0), metrics=metrics_for(base_predictions(), "a")).version
+    reg.promote(cur)
+    cand = reg.register(model_dir(tmp_path, "b", 1), metrics=metrics_for(GOLD, "b")).version
+    (reg.path(cand) / "tokenizer.json").write_text("{}")  # bit rot after registration
+    d = reg.gate(cand)
+    assert not d.promote and not d.promoted and reg.current() == cur
+    assert "tokenizer.json" in d.reasons[-1]
+    assert {v.version: v.status for v in reg.list()}[cand] == "refused"
