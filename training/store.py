@@ -363,7 +363,8 @@ class Store:
             if any(getattr(task, k) != v for k, v in image.items()):
                 conn.execute(tasks_table.update().where(tasks_table.c.id == task.id).values(changed_at=now, **image))
             existing = {(r.annotation_id, r.region_id): r for r in conn.execute(
-                sa.select(regions_table.c.id, regions_table.c.annotation_id, regions_table.c.region_id, regions_table.c.content_sha256)
+                sa.select(regions_table.c.id, regions_table.c.annotation_id, regions_table.c.region_id,
+                          regions_table.c.content_sha256, regions_table.c.annotated_at, regions_table.c.tool_updated_at)
                 .where(regions_table.c.task_pk == task.id))}
             inserted = updated = unchanged = 0
             for row in rows:
@@ -376,8 +377,9 @@ class Store:
                     conn.execute(regions_table.update().where(regions_table.c.id == old.id).values(changed_at=now, **row))
                     updated += 1
                 else:
-                    conn.execute(regions_table.update().where(regions_table.c.id == old.id).values(
-                        annotated_at=row["annotated_at"], tool_updated_at=row["tool_updated_at"]))
+                    stamps = {"annotated_at": row["annotated_at"], "tool_updated_at": row["tool_updated_at"]}
+                    if any(_utc(getattr(old, k)) != _utc(v) for k, v in stamps.items()):  # not a correction
+                        conn.execute(regions_table.update().where(regions_table.c.id == old.id).values(**stamps))
                     unchanged += 1
             if existing:
                 conn.execute(regions_table.delete().where(regions_table.c.id.in_([r.id for r in existing.values()])))
@@ -497,6 +499,12 @@ class Store:
     def projects(self) -> list[str]:
         with self.engine.connect() as conn:
             return sorted(r[0] for r in conn.execute(sa.select(tasks_table.c.project_id).distinct()))
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _rle_size(region: Any) -> tuple[int, int] | None:

@@ -136,6 +136,12 @@ def test_changes_are_counted_and_accepted_vs_corrected_known(store) -> None:
                                  region(1, "b", label="square", predicted="circle", updated_at="2026-12-02T00:00:00Z"),
                                  region(1, "c", predicted=None)])
     assert (res.inserted, res.updated, res.unchanged, res.deleted) == (0, 1, 2, 0)
+    from training.store import regions_table
+
+    with store.engine.connect() as conn:
+        stamp = conn.execute(sa.select(regions_table.c.tool_updated_at)
+                             .where(regions_table.c.region_id == "b")).scalar_one()
+    assert stamp == datetime(2026, 12, 2, tzinfo=UTC)  # kept current, without counting as a correction
     assert store.count_since("p1", "tiny-v1") == 1
     assert store.count_since("p1", cutoff) == 1
     assert store.last_training("p1")["version"] == "tiny-v1"
