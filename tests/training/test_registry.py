@@ -264,3 +264,50 @@ def test_gate_refuses_a_better_but_corrupt_candidate(reg, tmp_path) -> None:
     assert not d.promote and not d.promoted and reg.current() == cur
     assert "tokenizer.json" in d.reasons[-1]
     assert {v.version: v.status for v in reg.list()}[cand] == "refused"
+
+
+def test_sigkill_mid_registration_leaves_nothing_served(reg, tmp_path) -> None:
+    """A real crash: the registering process is SIGKILLed after copying its first file."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "plain"
+    src.mkdir()
+    for i in range(3):
+        (src / f"part{i}.bin").write_bytes(os.urandom(1024))
+    ready = tmp_path / "ready"
+    script = f"""
+import shutil, time, pathlib
+from training import registry
+real = shutil.copyfile
+n = [0]
+def slow(a, b, *args, **kw):
+    out = real(a, b, *args, **kw)
+    n[0] += 1
+    if n[0] == 1:
+        pathlib.Path({str(ready)!r}).write_text("x")
+        time.sleep(60)
+    return out
+registry.shutil.copyfile = slow
+registry.Registry({str(reg.root.parent)!r}).register({str(src)!r}, version="tiny-killed")
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=os.getcwd())
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None, "the registering process died early"
+            assert time.monotonic() < deadline, "the registering process never started copying"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert any((reg.root / ".staging").iterdir())  # the half copy is there, but only in staging
+    assert reg.list() == []
+    with pytest.raises(RegistryError):
+        reg.path("tiny-killed")
+    info = reg.register(src, version="tiny-killed")  # the next attempt succeeds
+    assert reg.verify(info.version) == [] and len(reg.manifest(info.version)["files"]) == 3
