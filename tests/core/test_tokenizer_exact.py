@@ -147,3 +147,43 @@ def test_missing_or_broken_tokenizer_files_are_clear_errors(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"not a sentencepiece model")
     with pytest.raises(CheckpointError, match="SentencePiece"):
         load_tokenizer(tmp_path)
+
+
+def test_saving_and_reloading_keeps_the_ids(tmp_path):
+    """Training saves versions with today's `save_pretrained`; reloading them must keep the old ids."""
+    load_tokenizer(FIXTURES / "legacy_false").save_pretrained(str(tmp_path))
+    tok = load_tokenizer(tmp_path)
+    recorded = EXPECTED["variants"]["legacy_false"]["saved_dir"]
+    assert all(tokenizer_image_token(r["text"], tok) == r["ids"] for r in recorded.values())
+
+
+@pytest.mark.parametrize("layout", ["saved_dir", "model_only"])
+def test_a_32000_vocabulary_checkpoint_serves_the_recorded_ids(tmp_path, layout):
+    """Through load_engine: a checkpoint whose config has the LLaMA vocabulary (tiny otherwise) and the
+    fixture's tokenizer files gets <mask>/<pos> = 32000/32001 and the recorded prompt ids."""
+    import numpy as np
+
+    from osprey_core import load_engine
+    from osprey_core.checkpoint import write_official_layout
+    from osprey_core.config import tiny
+    from osprey_core.factory import build_model
+
+    cfg = tiny()
+    cfg.name = "tiny-llama-vocab"
+    cfg.vision.image_size = 64
+    cfg.mask.mask_shape = 16
+    cfg.text.vocab_size, cfg.mask_token_id, cfg.pos_token_id = 32000, 32000, 32001
+    write_official_layout(build_model(cfg).state_dict(), tmp_path, n_shards=1, fmt="safetensors")
+    cfg.save(tmp_path / "osprey_config.json")
+    for name in (LAYOUTS[layout] or MODEL_ONLY + ["tokenizer.json", "added_tokens.json"]):
+        shutil.copy(FIXTURES / "legacy_false" / name, tmp_path / name)
+    engine = load_engine(str(tmp_path))
+    recorded = EXPECTED["variants"]["legacy_false"][layout]
+    for name, question in (("category", conv.category_question()), ("short", conv.description_question("short"))):
+        text, ids, _, _ = engine._prompt(question)
+        assert (text, ids) == (recorded[name]["text"], recorded[name]["ids"])
+    image = np.zeros((64, 64, 3), np.uint8)
+    mask = np.zeros((64, 64), bool)
+    mask[8:40, 8:40] = True
+    answer = engine.describe(image, [mask], max_new_tokens=6)[0]
+    assert not any(t in answer for t in ("<mask>", "<pos>", "</s>", "<s>", "<unk>"))
