@@ -332,8 +332,39 @@ def run_schedule(settings: Any, periodic: dict[str, int] | None = None) -> None:
     build_scheduler(connection, settings.osprey_redis_prefix, periodic=periodic).start()
 
 
-def run_training_worker(settings: Any, burst: bool = False, name: str | None = None) -> None:
-    """`osprey worker --queues training`: an RQ worker for syncs and training runs (no model held).
+def start_schedule_thread(connection: Redis, prefix: str, periodic: dict[str, int] | None = None
+                          ) -> tuple[threading.Thread, threading.Event]:
+    """The same CronScheduler driven from a thread (its `start()` wants the main thread for signals):
+    `osprey worker --queues training --schedule`, which is how `osprey run` embeds the schedule."""
+    scheduler = build_scheduler(connection, prefix, periodic=periodic)
+    stop = threading.Event()
+
+    def loop() -> None:
+        scheduler.register_birth()
+        try:
+            while not stop.is_set():
+                try:
+                    if scheduler.enqueue_jobs():
+                        scheduler.save()
+                    scheduler.heartbeat()
+                except Exception:
+                    logger.exception("schedule: enqueueing failed; trying again")
+                stop.wait(max(0.5, min(scheduler.calculate_sleep_interval(), 5.0)))
+        finally:
+            try:
+                scheduler.register_death()
+            except Exception:
+                pass
+
+    thread = threading.Thread(target=loop, daemon=True, name="osprey-schedule")
+    thread.start()
+    return thread, stop
+
+
+def run_training_worker(settings: Any, burst: bool = False, name: str | None = None, schedule: bool = False,
+                        periodic: dict[str, int] | None = None) -> None:
+    """`osprey worker --queues training [--schedule]`: an RQ worker for syncs and training runs (no model
+    held between jobs), optionally with the schedule in a thread.
 
     A forking worker: each job runs in a child process, so a run killed by the OOM killer or SIGKILL
     takes only that child (the lock expires, the next run succeeds) and memory is returned after each run.
@@ -347,6 +378,13 @@ def run_training_worker(settings: Any, burst: bool = False, name: str | None = N
 
     connection = connect(redis_url(settings))
     queue = training_queue(connection, settings.osprey_redis_prefix)
+    stop = None
+    if schedule:
+        _, stop = start_schedule_thread(connection, settings.osprey_redis_prefix, periodic)
     worker = Worker([queue], connection=connection, serializer=JSONSerializer,
                     name=name or f"osprey-training-{socket.gethostname()}-{os.getpid()}")
-    worker.work(burst=burst, logging_level=settings.log_level.upper(), with_scheduler=False)
+    try:
+        worker.work(burst=burst, logging_level=settings.log_level.upper(), with_scheduler=False)
+    finally:
+        if stop is not None:
+            stop.set()
