@@ -10,6 +10,7 @@ redis-server, checked for the password, AOF and noeviction.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
@@ -169,7 +170,7 @@ def compose_redis(tmp_path):
     port = free_port()
     script += f" --port {port} --bind 127.0.0.1 --dir {tmp_path} --daemonize no --logfile {tmp_path / 'log'}"
     password = "test-Pass_123"
-    proc = subprocess.Popen(["sh", "-c", script], env={"REDIS_PASSWORD": password, "PATH": "/usr/bin:/bin"},
+    proc = subprocess.Popen(["sh", "-c", script], env={"REDIS_PASSWORD": password, "PATH": os.environ["PATH"]},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     client = redis.Redis(host="127.0.0.1", port=port, password=password, socket_timeout=5, decode_responses=True)
     deadline = time.monotonic() + 20
