@@ -38,9 +38,12 @@ raises `LabelConfigError`, which `/setup` and `/predict` turn into a 422 with th
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from label_studio_sdk._legacy.exceptions import (
     LabelStudioValidationErrorSentryIgnored,
     LabelStudioXMLSyntaxErrorSentryIgnored,
@@ -70,6 +73,8 @@ DETAIL_MARKER = "detail"
 MAX_XML_DEPTH = 64  # element nesting of a whole config (LabelInterface and our walks recurse over it)
 MAX_TAXONOMY_DEPTH = 32  # levels of one Taxonomy
 MAX_TAXONOMY_NODES = 20_000
+MAX_EXTRA_PARAMS_DEPTH = 32  # nesting of a project's extra_params (json.loads recurses; 10^5 levels crash it)
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _SDK_CONFIG_ERRORS = (LabelStudioValidationErrorSentryIgnored, LabelStudioXMLSyntaxErrorSentryIgnored,
                       LSConfigParseException, etree.LxmlError)
 
@@ -215,6 +220,55 @@ class PredictionPlan:
             )
         except (KeyError, TypeError, AttributeError, TaskError) as e:
             raise LabelConfigError(f"malformed prediction plan: {e!r}") from e
+
+
+# ---- extra_params ---------------------------------------------------------------------------------
+
+
+def parse_extra_params(extra: Any) -> dict[str, Any]:
+    """A project's `extra_params`: v2 sends a JSON string, Label Studio stores whatever it was given, so
+    accept both (protocol §10.7); nesting is bounded before anything recursive sees it."""
+    if extra is None or extra == "":
+        return {}
+    if isinstance(extra, str):
+        if json_depth(extra) > MAX_EXTRA_PARAMS_DEPTH:
+            raise LabelConfigError(f"extra_params nests deeper than {MAX_EXTRA_PARAMS_DEPTH} levels")
+        try:
+            extra = json.loads(extra)
+        except json.JSONDecodeError as exc:
+            raise LabelConfigError(f"extra_params is not valid JSON: {exc}") from exc
+        if extra is None:
+            return {}
+    if not isinstance(extra, dict):
+        raise LabelConfigError("extra_params must be a JSON object")
+    if value_depth(extra) > MAX_EXTRA_PARAMS_DEPTH:
+        raise LabelConfigError(f"extra_params nests deeper than {MAX_EXTRA_PARAMS_DEPTH} levels")
+    return extra
+
+
+def json_depth(text: str) -> int:
+    """Deepest bracket nesting of a JSON text, without parsing it (strings are skipped)."""
+    brackets = np.frombuffer(re.sub(r"[^\[\]{}]", "", _JSON_STRING.sub("", text)).encode("ascii"), dtype=np.uint8)
+    if not brackets.size:
+        return 0
+    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
+    return int(np.cumsum(steps).max())
+
+
+def value_depth(value: Any) -> int:
+    """Deepest nesting of dicts/lists in a parsed JSON value, iteratively."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, list):
+            deepest = max(deepest, d)
+            if d > MAX_EXTRA_PARAMS_DEPTH:
+                break
+            stack.extend((x, d + 1) for x in v)
+    return deepest
 
 
 # ---- parsing ------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ budget are handed to write-back (backend/labelstudio/writeback.py), never droppe
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 import time
@@ -20,8 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backend.auth import auth_dependency, webhook_dependency
 from backend.errors import INPUT_ERRORS
-from backend.labelstudio.config import PredictionPlan, parse_label_config
+from backend.labelstudio.config import PredictionPlan, parse_extra_params, parse_label_config
 from backend.labelstudio.regions import parse_context, select_regions, task_image_url
+from backend.labelstudio.results import prediction_from_output
 from backend.labelstudio.sync import enqueue_for_event
 from backend.labelstudio.webhook_setup import ensure_webhook_secret
 from backend.queue.jobs import BATCH, INTERACTIVE, JobQueue, JobSpec, canonical_json
@@ -114,19 +114,10 @@ def _task_id(task: Any, index: int) -> int:
 
 def _parse_extra_params(extra: str | dict | None) -> dict[str, Any]:
     """v2 sends a JSON string, Label Studio stores whatever it was given: accept both (protocol §10.7)."""
-    if extra is None or extra == "":
-        return {}
-    if isinstance(extra, dict):
-        return extra
     try:
-        value = json.loads(extra)
-    except json.JSONDecodeError as exc:
-        raise HTTPException(422, f"extra_params is not valid JSON: {exc}") from exc
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise HTTPException(422, "extra_params must be a JSON object")
-    return value
+        return parse_extra_params(extra)  # nesting bounded before json.loads recurses
+    except INPUT_ERRORS as exc:
+        raise HTTPException(422, str(exc)) from exc
 
 
 class LabelStudioBackend:
@@ -205,7 +196,7 @@ class LabelStudioBackend:
             # Label Studio wants one entry; an interactive answer is shown, never stored.
             return {"results": [{"result": [], "score": None, "model_version": model_version}]}
         queue = self.queue()
-        spec = JobSpec(INTERACTIVE, task_id, image_url, [r.to_job() for r in regions], plan.to_dict(),
+        spec = JobSpec(INTERACTIVE, task_id, image_url, [r.to_dict() for r in regions], plan.to_plan().to_dict(),
                        model_version, queue.keys.prefix)
         fresh = self._submit(queue, spec)
         output = queue.wait([spec.job_id], self.settings.osprey_interactive_timeout_s).get(spec.job_id)
@@ -221,7 +212,7 @@ class LabelStudioBackend:
         self._observe(INTERACTIVE, output, fresh)
         if not output["ok"]:
             raise HTTPException(output["error"]["status"], output["error"]["message"])
-        return {"results": [output["prediction"]]}
+        return {"results": [prediction_from_output(output)]}
 
     def batch(self, tasks: list[Any], plan: PredictionPlan, model_version: str) -> dict:
         started = time.monotonic()
@@ -231,6 +222,7 @@ class LabelStudioBackend:
         specs: list[JobSpec | None] = [None] * len(tasks)
         errors = []
         queue = self.queue()
+        neutral_plan = plan.to_plan().to_dict()
         for i, task in enumerate(tasks):
             try:
                 image_url = task_image_url(task, plan)
@@ -245,7 +237,7 @@ class LabelStudioBackend:
                     f"task {task_ids[i]} has no regions to label (OSPREY_REGIONS_FROM="
                     f"{self.settings.osprey_regions_from}); draw or import regions first")
                 continue
-            specs[i] = JobSpec(BATCH, task_ids[i], image_url, [r.to_job() for r in regions], plan.to_dict(),
+            specs[i] = JobSpec(BATCH, task_ids[i], image_url, [r.to_dict() for r in regions], neutral_plan,
                                model_version, queue.keys.prefix)
         if tasks and len(errors) == len(tasks):
             raise HTTPException(422, "no task can be predicted: " + "; ".join(errors[:10]))
@@ -271,10 +263,11 @@ class LabelStudioBackend:
             self._observe(BATCH, output, fresh)
             if not output["ok"]:
                 return _placeholder(model_version, "error", output["error"]["message"])
-            if not output["prediction"]["result"]:
+            prediction = prediction_from_output(output)
+            if not prediction["result"]:
                 return _placeholder(model_version, "empty", "the model suggested nothing for these regions; "
                                                             "an empty prediction is not stored")
-            return output["prediction"]
+            return prediction
         self.metrics.jobs.labels(BATCH, "handed_off" if decision == "handoff" else "timeout").inc()
         if decision == "handoff":
             return _placeholder(model_version, "pending",

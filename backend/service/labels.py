@@ -25,8 +25,8 @@ from backend.errors import InputError
 
 MAX_LABELS = 5_000  # candidates in one label set (a category, an attribute, a taxonomy level)
 MAX_LABEL_CHARS = 500  # characters of one candidate label
-CHUNK_LABELS = 256
-CHUNK_CHARS = 8_192
+CHUNK_LABELS = 128
+CHUNK_CHARS = 4_096
 
 _TAG = re.compile(r"<(?=/?[^\s<>]*>)")
 

@@ -1,0 +1,246 @@
+"""Hostile inputs of issue 6 (defects 3, 6 and 9) against the parser and the service layer: each must be a
+4xx-class error of the project's own (or, for special tokens, a normal answer), with bounded memory.
+
+The same inputs against the real server, Redis and worker are in test_hostile_server.py.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from backend.errors import is_input_error
+from backend.labelstudio.config import (
+    MAX_EXTRA_PARAMS_DEPTH,
+    MAX_TAXONOMY_DEPTH,
+    LabelConfigError,
+    parse_extra_params,
+    parse_label_config,
+)
+from backend.labelstudio.regions import MAX_URL_CHARS, TaskDataError, parse_context, task_image_url
+from backend.labelstudio.results import result_items
+from backend.service import labels as scoring
+from backend.service.geometry import MAX_RLE_VALUES, rasterise
+from backend.service.predict import predict_regions
+from backend.service.tasks import Category, Plan, RegionSpec
+from osprey_core import load_engine
+from osprey_core.errors import RegionError
+
+W, H = 64, 48
+HUGE = 16384
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return load_engine("tiny", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def image():
+    img = np.zeros((H, W, 3), dtype=np.uint8)
+    img[8:30, 10:40] = (200, 40, 40)
+    return img
+
+
+def rect_config(labels: list[str]) -> str:
+    inner = "".join(f'<Label value="{v}"/>' for v in labels)
+    return f'<View><Image name="image" value="$image"/><RectangleLabels name="box" toName="image">{inner}</RectangleLabels></View>'
+
+
+def rectangles(n: int, width: int, height: int) -> dict:
+    return {"result": [
+        {"id": f"r{i}", "from_name": "box", "to_name": "image", "type": "rectanglelabels", "original_width": width,
+         "original_height": height, "value": {"x": 1 + i, "y": 2, "width": 50, "height": 40, "rotation": 0,
+                                               "rectanglelabels": ["cat"]}}
+        for i in range(n)]}
+
+
+def traced(call):
+    """(result or exception, peak bytes Python allocated during `call`)."""
+    tracemalloc.start()
+    try:
+        try:
+            out = call()
+        except Exception as exc:  # noqa: BLE001 - returned for the test to inspect
+            out = exc
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+# ---- defect 3: memory amplification ------------------------------------------------------------------
+
+
+def test_claimed_huge_image_is_parsed_without_a_raster_and_refused_before_rasterising(engine, image):
+    plan = parse_label_config(rect_config(["cat", "dog"]))
+    specs, peak = traced(lambda: parse_context(rectangles(12, HUGE, HUGE), plan))
+    assert len(specs) == 12 and all(s.size == (HUGE, HUGE) for s in specs)
+    assert peak < 2 * 1024 * 1024  # one 16384x16384 bool mask alone is 268 MB
+    error, peak = traced(lambda: predict_regions(engine, image, plan.to_plan(), specs))
+    assert isinstance(error, RegionError) and is_input_error(error)
+    assert "drawn on a 16384x16384 image but the task's image is 64x48" in str(error)
+    assert peak < 2 * 1024 * 1024
+
+
+def test_brush_rle_claiming_a_gibibyte_is_checked_by_its_header_only(engine, image):
+    plan = parse_label_config('<View><Image name="image" value="$image"/><BrushLabels name="b" toName="image">'
+                              '<Label value="cat"/></BrushLabels></View>')
+    # A valid header for 16384x16384x4 = 2^30 values, then 275 KB of runs: LS's decoder would allocate 1 GiB.
+    rle = list((HUGE * HUGE * 4).to_bytes(4, "big")) + [0b00111000, 0, 0] + [7] * 275_000
+    context = {"result": [{"id": "B", "from_name": "b", "to_name": "image", "type": "brushlabels",
+                           "original_width": HUGE, "original_height": HUGE,
+                           "value": {"format": "rle", "rle": rle, "brushlabels": ["cat"]}}]}
+    specs, peak = traced(lambda: parse_context(context, plan))
+    assert specs[0].kind == "brush_rle" and peak < 16 * 1024 * 1024
+    error, peak = traced(lambda: predict_regions(engine, image, plan.to_plan(), specs))
+    assert isinstance(error, RegionError) and "drawn on a 16384x16384 image" in str(error)
+    assert peak < 16 * 1024 * 1024
+    context["result"][0]["value"]["rle"] = rle[:7] + [1] * MAX_RLE_VALUES
+    with pytest.raises(RegionError, match="above the limit"):
+        parse_context(context, plan)
+
+
+def test_large_label_sets_are_scored_in_chunks_that_merge_exactly(engine, image, monkeypatch):
+    mask = np.zeros((H, W), dtype=bool)
+    mask[8:30, 10:40] = True
+    labels = [f"label {i} thing" for i in range(40)]
+    whole = engine.classify(image, [mask, ~mask], labels)
+    calls = []
+    original = engine.classify
+
+    def counted(img, regions, chunk):
+        calls.append(len(chunk))
+        return original(img, regions, chunk)
+
+    monkeypatch.setattr(scoring, "CHUNK_LABELS", 7)
+    monkeypatch.setattr(engine, "classify", counted)
+    chunked = scoring.classify(engine, image, [mask, ~mask], labels)
+    assert calls == [7, 7, 7, 7, 7, 5]
+    for a, b in zip(whole, chunked, strict=True):
+        assert b.label == a.label
+        assert b.score == pytest.approx(a.score, rel=1e-6)
+        assert sum(b.scores.values()) == pytest.approx(1.0)
+        for label in labels:
+            assert b.scores[label] == pytest.approx(a.scores[label], rel=1e-6, abs=1e-12)
+
+
+def test_label_set_limits_are_4xx_at_parse_and_in_the_service():
+    scoring_limit = scoring.MAX_LABELS
+    too_many = [f"l{i}" for i in range(scoring_limit + 1)]
+    with pytest.raises(LabelConfigError, match=f"5001 labels; at most {scoring_limit}"):
+        parse_label_config(rect_config(too_many))
+    assert parse_label_config(rect_config(too_many[:scoring_limit])).tools[0].labels[-1] == f"l{scoring_limit - 1}"
+    with pytest.raises(scoring.LabelSetError, match="above the limit"):
+        scoring.check_label_set(too_many, "a category")
+    with pytest.raises(LabelConfigError, match="characters; at most"):
+        parse_label_config(rect_config(["x" * (scoring.MAX_LABEL_CHARS + 1)]))
+
+
+# ---- defect 6: bad input that gave 5xx ---------------------------------------------------------------
+
+
+SPECIAL = ["<image>", "<mask>", "<pos>", "<s>", "</s>", "<unk>"]
+
+
+def test_special_tokens_in_labels_and_attribute_names_are_neutralised(engine, image):
+    config = ('<View><Image name="image" value="$image"/><RectangleLabels name="box" toName="image">'
+              + "".join(f'<Label value="{v}"/>' for v in ["&lt;image&gt;", "cat", "&lt;/s&gt;"])
+              + '</RectangleLabels><Choices name="&lt;mask&gt; kind" toName="image" perRegion="true">'
+              '<Choice value="&lt;pos&gt;"/><Choice value="&lt;unk&gt;"/><Choice value="&lt;s&gt;"/></Choices>'
+              '<Taxonomy name="tax" toName="image" perRegion="true"><Choice value="&lt;image&gt;">'
+              '<Choice value="&lt;mask&gt;&lt;pos&gt;"/><Choice value="b"/></Choice><Choice value="c"/></Taxonomy></View>')
+    plan = parse_label_config(config)
+    assert plan.tools[0].labels == ("<image>", "cat", "</s>")
+    specs = parse_context(rectangles(1, W, H), plan)
+    answers = predict_regions(engine, image, plan.to_plan(), specs)
+    items = {i["from_name"]: i for i in result_items(answers, specs, plan.to_plan())}
+    assert items["box"]["value"]["rectanglelabels"][0] in ("<image>", "cat", "</s>")  # what the user sees
+    assert items["<mask> kind"]["value"]["choices"][0] in ("<pos>", "<unk>", "<s>")
+    assert items["tax"]["value"]["taxonomy"][0][0] in ("<image>", "c")
+    # The scores are those of the neutralised text, which the tokenizer reads as plain characters.
+    mask = rasterise(specs[0], (W, H)).mask
+    direct = engine.classify(image, [mask], ["< image>", "cat", "< /s>"])[0]
+    assert items["box"]["score"] == pytest.approx(direct.score, rel=1e-6)
+    texts = [scoring.model_text(t) for t in SPECIAL]
+    assert all("<" + t.strip("<>/") + ">" not in x for t, x in zip(SPECIAL, texts, strict=True))
+    # Distinct labels stay distinct even when one's neutral text is another label.
+    mapped = scoring.model_texts(["<image>", "< image>", "cat"])
+    assert len(set(mapped.values())) == 3 and mapped["cat"] == "cat" and mapped["< image>"] == "< image>"
+
+
+def test_taxonomy_250_levels_deep_is_a_config_error_and_32_levels_work():
+    def taxonomy(depth: int) -> str:
+        inner = "".join(f'<Choice value="n{i}">' for i in range(depth)) + "</Choice>" * depth
+        return (f'<View><Image name="image" value="$image"/><Rectangle name="r" toName="image"/>'
+                f'<Taxonomy name="t" toName="image" perRegion="true">{inner}</Taxonomy></View>')
+
+    with pytest.raises(LabelConfigError, match="levels deep"):
+        parse_label_config(taxonomy(250))
+    with pytest.raises(LabelConfigError, match=f"more than {MAX_TAXONOMY_DEPTH} levels deep"):
+        parse_label_config(taxonomy(MAX_TAXONOMY_DEPTH + 1))
+    plan = parse_label_config(taxonomy(MAX_TAXONOMY_DEPTH))
+    neutral = plan.to_plan()
+    assert Plan.from_dict(neutral.to_dict()) == neutral
+    node, depth = neutral.taxonomies[0].roots[0], 1
+    while node.children:
+        node, depth = node.children[0], depth + 1
+    assert depth == MAX_TAXONOMY_DEPTH
+
+
+@pytest.mark.parametrize("shape", ["string", "object"])
+def test_extra_params_nested_100000_deep_is_a_config_error(shape):
+    if shape == "string":
+        extra: object = "[" * 100_000 + "]" * 100_000
+    else:
+        extra = current = {}
+        for _ in range(100_000):
+            current["a"] = {}
+            current = current["a"]
+    with pytest.raises(LabelConfigError, match=f"deeper than {MAX_EXTRA_PARAMS_DEPTH} levels"):
+        parse_extra_params(extra)
+    assert parse_extra_params('{"a": {"b": "[[[[[["}}') == {"a": {"b": "[[[[[["}}
+    assert parse_extra_params(None) == {} and parse_extra_params("") == {}
+    with pytest.raises(LabelConfigError, match="not valid JSON"):
+        parse_extra_params("{nope")
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("/data/upload/1/a\tb.png", r"control character '\\t'"),
+        ("/data/upload/1/a.png\r\nX-Injected: 1", r"control character '\\r'"),
+        ("http://example.com/" + "a" * 1_000_000, "characters long, above the limit"),
+        ("/data/local-files/?d=" + "a" * 10_000, "characters long|bytes long"),
+        ("/data/local-files/?d=imgs/" + "b" * 300 + ".png", "file name in the local-files path is 304 bytes"),
+        ("http://[::1/a.png", "malformed"),
+    ],
+)
+def test_bad_image_urls_are_task_data_errors(url, message):
+    plan = parse_label_config(rect_config(["cat"]))
+    with pytest.raises(TaskDataError, match=message) as info:
+        task_image_url({"id": 3, "data": {"image": url}}, plan)
+    assert info.value.status_code == 422
+    ok = "/data/local-files/?d=imgs/" + "c" * 200 + ".png"
+    assert len(ok) < MAX_URL_CHARS and task_image_url({"id": 3, "data": {"image": ok}}, plan) == ok
+
+
+# ---- defect 9: only the project's own errors are bad input -------------------------------------------
+
+
+def test_a_bug_in_the_engine_is_not_disguised_as_bad_input(image):
+    class Broken:
+        def classify(self, *args):
+            raise ValueError("a bug, not the user's input")
+
+    plan = Plan(categories=(Category("box", ("cat", "dog")),))
+    spec = RegionSpec("r", {"kind": "box", "x": 1, "y": 1, "width": 10, "height": 10, "rotation": 0}, W, H,
+                      categories=("box",))
+    with pytest.raises(ValueError, match="a bug") as info:
+        predict_regions(Broken(), image, plan, [spec])
+    assert not is_input_error(info.value)
+    bad = RegionSpec("r", {"kind": "star"}, W, H)
+    with pytest.raises(RegionError, match="unknown geometry kind 'star'") as info:
+        predict_regions(Broken(), image, plan, [bad])
+    assert is_input_error(info.value)
