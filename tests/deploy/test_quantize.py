@@ -84,3 +84,38 @@ def test_swap_touches_the_decoder_linears_only(mode):
     assert all(p.dtype == torch.float32 for p in model.mask_extractor.parameters())
     projector = [m for m in model.model.mm_projector.modules() if isinstance(m, nn.Linear)]
     assert projector and all(type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 for m in projector)
+
+
+@pytest.mark.parametrize("mode, max_diff", [("8bit", 0.1), ("4bit", 0.5)])
+def test_quantized_forward_stays_close_to_bf16(mode, max_diff, image, masks):
+    """The swapped model really runs quantized and answers like bf16.
+
+    bitsandbytes quantizes on a device move and has CPU kernels, so moving the swapped model to the CPU
+    (which `quantize_model` refuses for users) exercises the real path end to end: the weights become
+    int8 / packed NF4, torch's module move keeps the bitsandbytes parameter types, and the engine's packed
+    forward runs on them. Label log-likelihoods move a little (quantization noise); an answer changes only where bf16's
+    top two labels were closer than that noise.
+    """
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the test extra; install '.[test]'")
+    from osprey_core.engine import RegionEngine
+    from osprey_core.tokenizer import build_tiny_tokenizer
+
+    labels = ["cat", "dog", "red car", "person", "tree"]
+    cfg = tiny()
+    cfg.vision.image_size = 64
+    cfg.mask.mask_shape = 16
+    model = build_model(cfg, dtype=torch.bfloat16)
+    tok = build_tiny_tokenizer(cfg.text.vocab_size)
+    ref = RegionEngine(model, tok, model_version="bf16").classify(image, masks, labels)
+
+    replace_linears(model, mode, torch.bfloat16)
+    model.to("cpu")
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    assert weight.dtype == (torch.int8 if mode == "8bit" else torch.uint8)
+    got = RegionEngine(model, tok, model_version=mode).classify(image, masks, labels)
+
+    diffs = [abs(a.logprobs[x] - b.logprobs[x]) for a, b in zip(ref, got, strict=True) for x in labels]
+    assert 0 < max(diffs) < max_diff, f"{mode}: largest log-likelihood change {max(diffs):.4f}"
+    for a, b in zip(ref, got, strict=True):  # an answer may only flip where bf16 had a near-tie
+        margin = a.logprobs[a.label] - a.logprobs[b.label]
+        assert b.label == a.label or margin < 2 * max(diffs), (a.label, b.label, margin)
