@@ -1,13 +1,17 @@
-"""Hostile inputs of issue 6 (defects 3, 6 and 9) against the parser and the service layer: each must be a
-4xx-class error of the project's own (or, for special tokens, a normal answer), with bounded memory.
+"""Hostile inputs of issue 6 (defects 3, 6 and 9): each must be a 4xx-class error of the project's own (or,
+for special tokens, a normal answer), with bounded memory.
 
-The same inputs against the real server, Redis and worker are in test_hostile_server.py.
+First against the parser and the service layer (tracemalloc peaks), then the same inputs against the real
+server subprocess with the real Redis and a real worker (conftest `stack`), each followed by a good request
+that still succeeds, with the peak RSS of server and worker checked against a generous bound.
 """
 
 from __future__ import annotations
 
+import json
 import tracemalloc
 
+import httpx
 import numpy as np
 import pytest
 
@@ -244,3 +248,119 @@ def test_a_bug_in_the_engine_is_not_disguised_as_bad_input(image):
     with pytest.raises(RegionError, match="unknown geometry kind 'star'") as info:
         predict_regions(Broken(), image, plan, [bad])
     assert is_input_error(info.value)
+
+
+# ---- the same inputs against the real server, Redis and worker (conftest `stack`) ------------------
+
+
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM: the process's peak resident set size so far."""
+    with open(f"/proc/{pid}/status") as status:
+        line = next(x for x in status if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+@pytest.fixture(scope="module")
+def served(stack):
+    """The stack, with peak RSS of its server and worker checked after every hostile request of this module:
+    each may grow by at most a generous 768 MiB over its peak before the first (the defects cost GBs)."""
+    pids = {"server": stack.server.pid, "worker": stack.workers[0].pid}
+    before = {name: peak_rss_mib(pid) for name, pid in pids.items()}
+    yield stack
+    after = {name: peak_rss_mib(pid) for name, pid in pids.items()}
+    for name in pids:
+        assert after[name] < before[name] + 768, f"{name} peak RSS {before[name]:.0f} -> {after[name]:.0f} MiB"
+
+
+def good_request(stack, payloads) -> None:
+    """A normal interactive request that must still succeed after each hostile one."""
+    config = rect_config(["cat", "dog", "car"])
+    context = {"result": [payloads.item("rectanglelabels", "box", {"x": 10, "y": 10, "width": 40, "height": 40,
+                                                                    "rotation": 0, "rectanglelabels": ["cat"]}, "ok1")]}
+    response = stack.post("/predict", payloads.predict([payloads.task()], config, context))
+    assert response.status_code == 200, response.text
+    (prediction,) = response.json()["results"]
+    assert prediction["result"][0]["value"]["rectanglelabels"][0] in ("cat", "dog", "car")
+
+
+def interactive(stack, payloads, config: str, items: list[dict], image: str | None = None) -> httpx.Response:
+    return stack.post("/predict", payloads.predict([payloads.task(image=image)], config, {"result": items}))
+
+
+def test_server_special_token_labels_answer_normally(served, payloads):
+    config = rect_config(["&lt;image&gt;", "&lt;mask&gt;", "&lt;/s&gt;", "cat"])
+    items = [payloads.item("rectanglelabels", "box", {"x": 10, "y": 10, "width": 40, "height": 40, "rotation": 0,
+                                                      "rectanglelabels": ["cat"]}, "t1")]
+    response = interactive(served, payloads, config, items)
+    assert response.status_code == 200, response.text
+    (item,) = response.json()["results"][0]["result"]
+    assert item["value"]["rectanglelabels"][0] in ("<image>", "<mask>", "</s>", "cat")
+    good_request(served, payloads)
+
+
+def test_server_claimed_huge_image_is_a_422_from_the_worker(served, payloads):
+    items = [{**item, "original_width": HUGE, "original_height": HUGE}
+             for item in rectangles(12, HUGE, HUGE)["result"]]
+    response = interactive(served, payloads, rect_config(["cat", "dog"]), items)
+    assert response.status_code == 422, response.text
+    assert "drawn on a 16384x16384 image but the task's image is 64x48" in response.json()["detail"]
+    good_request(served, payloads)
+
+
+def test_server_brush_rle_claiming_a_gibibyte_is_a_422(served, payloads):
+    config = ('<View><Image name="image" value="$image"/><BrushLabels name="b" toName="image">'
+              '<Label value="cat"/></BrushLabels></View>')
+    rle = list((HUGE * HUGE * 4).to_bytes(4, "big")) + [0b00111000, 0, 0] + [7] * 275_000
+    item = {**payloads.item("brushlabels", "b", {"format": "rle", "rle": rle, "brushlabels": ["cat"]}, "B1"),
+            "original_width": HUGE, "original_height": HUGE}
+    response = interactive(served, payloads, config, [item])
+    assert response.status_code == 422, response.text
+    assert "drawn on a 16384x16384 image" in response.json()["detail"]
+    good_request(served, payloads)
+
+
+def test_server_large_label_sets_are_answered_and_too_large_ones_refused(served, payloads):
+    # Above one chunk (the unchunked 3,000 failed allocating 300 MB); 600 keeps the tiny model on 2 shared
+    # cores inside OSPREY_INTERACTIVE_TIMEOUT_S. The 5,000 limit itself is exercised in-process above.
+    labels = [f"label {i} thing" for i in range(600)]
+    items = [payloads.item("rectanglelabels", "box", {"x": 10, "y": 10, "width": 40, "height": 40, "rotation": 0,
+                                                      "rectanglelabels": ["x"]}, "L1")]
+    response = interactive(served, payloads, rect_config(labels), items)
+    assert response.status_code == 200, response.text
+    assert response.json()["results"][0]["result"][0]["value"]["rectanglelabels"][0] in labels
+    too_many = rect_config([f"l{i}" for i in range(scoring.MAX_LABELS + 1)])
+    response = interactive(served, payloads, too_many, items)
+    assert response.status_code == 422 and "at most 5000" in response.json()["detail"]
+    response = served.post("/setup", payloads.setup(too_many))
+    assert response.status_code == 422 and "at most 5000" in response.json()["detail"]
+    good_request(served, payloads)
+
+
+def test_server_deep_taxonomy_and_extra_params_are_422(served, payloads):
+    inner = "".join(f'<Choice value="n{i}">' for i in range(250)) + "</Choice>" * 250
+    deep = (f'<View><Image name="image" value="$image"/><Rectangle name="r" toName="image"/>'
+            f'<Taxonomy name="t" toName="image" perRegion="true">{inner}</Taxonomy></View>')
+    response = served.post("/setup", payloads.setup(deep))
+    assert response.status_code == 422 and "levels deep" in response.json()["detail"]
+    nested = "[" * 100_000 + "]" * 100_000
+    response = served.post("/setup", payloads.setup(rect_config(["cat"]), extra_params=nested))
+    assert response.status_code == 422 and "deeper than" in response.json()["detail"]
+    body = json.dumps(payloads.setup(rect_config(["cat"])))[:-1] + ', "deep": ' + nested + "}"
+    response = served.client().post("/setup", content=body, headers={"Content-Type": "application/json"})
+    assert 400 <= response.status_code < 500, response.text
+    good_request(served, payloads)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["/data/upload/1/a\tb.png", "/data/upload/1/a.png\r\nX-Injected: 1", "http://example.com/" + "a" * 1_000_000,
+     "/data/local-files/?d=" + "a" * 10_000],
+    ids=["tab", "crlf", "1MB", "10KB-d-path"],
+)
+def test_server_bad_image_urls_are_422(served, payloads, url):
+    items = [payloads.item("rectanglelabels", "box", {"x": 10, "y": 10, "width": 40, "height": 40, "rotation": 0,
+                                                      "rectanglelabels": ["cat"]}, "U1")]
+    response = interactive(served, payloads, rect_config(["cat", "dog"]), items, image=url)
+    assert response.status_code == 422, response.text[:500]
+    assert "image URL" in response.json()["detail"]
+    good_request(served, payloads)
