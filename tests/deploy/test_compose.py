@@ -204,3 +204,15 @@ def test_redis_conf_password_aof_noeviction(compose_redis):
     assert any(p.name.startswith("appendonly.aof") for p in data_dir.rglob("*"))
     # The password file written at start is private to the Redis user.
     assert (data_dir / "auth.conf").stat().st_mode & 0o077 == 0
+
+
+def test_every_osprey_command_in_the_stack_is_one_the_cli_accepts():
+    # `osprey <command> --help` exits 0 only if argparse accepted everything before --help; this is the
+    # image's entry point (`osprey` = backend.cli) without Docker.
+    commands = {tuple(svc["command"]) for name, svc in compose()["services"].items()
+                if svc.get("image", "").startswith("osprey-labeling")}
+    assert ("worker", "--queues", "training") in commands and ("schedule",) in commands
+    for command in sorted(commands):
+        r = subprocess.run([sys.executable, "-m", "backend.cli", *command, "--help"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, f"osprey {' '.join(command)}: {r.stderr[-500:]}"
