@@ -220,4 +220,4 @@ def test_every_osprey_command_in_the_stack_is_one_the_cli_accepts():
         assert args.command == command[0]
     assert parser.parse_args(["worker", "--queues", "training"]).queues == "training"
     with pytest.raises(SystemExit):
-        parser.parse_args(["worker", "--queue", "training"])  # a typo is caught, so the check has teeth
+        parser.parse_args(["worker", "--queus", "training"])  # a typo is caught, so the check has teeth
