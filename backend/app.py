@@ -2,7 +2,7 @@
 
 | Endpoint        | Auth          | What it does |
 |-----------------|---------------|--------------|
-| GET  /health    | none          | ``{"status": "UP", "model_class": ..., "model_version": ...}`` without touching Redis (LS waits 1 s) |
+| GET  /health    | none          | ``{"status": "UP", "model_class": ..., "model_version": ..., "workers": n}``; 503 ``{"status": "DOWN", "reason": ...}`` when no worker has a live heartbeat or Redis is down (one cheap Redis read; LS waits 1 s) |
 | GET  /openapi.json, /docs | basic/bearer | the OpenAPI schema and its Swagger UI |
 | POST /setup     | basic/bearer  | parses the labeling config (4xx if nothing is predictable) and answers ``{"model_version"}`` -- the version a worker announced in Redis, never loading a model (LS waits 3 s) |
 | POST /predict   | basic/bearer  | interactive (``params.context.result``): one job on the ``interactive`` queue, waits up to OSPREY_INTERACTIVE_TIMEOUT_S, answers one prediction; batch: one job per task on ``batch``, waits up to OSPREY_BATCH_BUDGET_S, answers one entry per task in order; unfinished tasks are written back later (backend/labelstudio/writeback.py) |
@@ -34,6 +34,7 @@ from backend.auth import auth_dependency, install_log_redaction
 from backend.errors import INPUT_ERRORS, input_status
 from backend.guard import RequestGuard
 from backend.labelstudio.routes import create_router
+from backend.queue.jobs import QueueBusy
 from backend.queue.redis import QueueUnavailable
 from backend.settings import Settings, get_settings
 from backend.state import AppState
@@ -83,6 +84,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def on_queue_unavailable(request: Request, exc: QueueUnavailable):
         return state.unavailable(exc)
 
+    @app.exception_handler(QueueBusy)
+    async def on_queue_busy(request: Request, exc: QueueBusy):
+        # Load shedding (429) or no live worker (503): say why, and when to come back.
+        return JSONResponse({"detail": exc.message}, status_code=exc.status_code,
+                            headers={"Retry-After": str(exc.retry_after_s)})
+
     @app.exception_handler(RedisError)
     async def on_redis_error(request: Request, exc: RedisError):
         logger.warning("Redis error on %s: %s", request.url.path, exc)
@@ -99,10 +106,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
 
-    @app.get("/health")
-    def health() -> dict[str, Any]:
+    @app.get("/health", response_model=None)
+    def health() -> dict[str, Any] | JSONResponse:
+        # UP only while a prediction worker has a live heartbeat (backend/queue/jobs.py live_workers).
         version = state.last_model["version"] if state.last_model else None
-        return {"status": "UP", "model_class": MODEL_CLASS, "model_version": version}
+        body: dict[str, Any] = {"status": "UP", "model_class": MODEL_CLASS, "model_version": version}
+        try:
+            queue = state.queue()
+            workers = queue.live_workers()
+            reason = None if workers else queue.no_worker_reason()
+        except (QueueUnavailable, RedisError) as exc:
+            workers, reason = [], f"the job queue is unavailable (Redis: {type(exc).__name__}: {exc})"
+        body["workers"] = len(workers)
+        if reason is not None:
+            return JSONResponse({**body, "status": "DOWN", "reason": reason}, status_code=503)
+        return body
 
     app.include_router(create_router(state))
 

@@ -199,7 +199,8 @@ class LabelStudioBackend:
         spec = JobSpec(INTERACTIVE, task_id, image_url, [r.to_dict() for r in regions], plan.to_plan().to_dict(),
                        model_version, queue.keys.prefix)
         fresh = self._submit(queue, spec)
-        output = queue.wait([spec.job_id], self.settings.osprey_interactive_timeout_s).get(spec.job_id)
+        output = queue.wait([spec.job_id], self.settings.osprey_interactive_timeout_s,
+                            require_worker=True).get(spec.job_id)  # 503 when no worker is alive
         if output is None:
             self.metrics.jobs.labels(INTERACTIVE, "timeout").inc()
             snap = queue.snapshot()
@@ -211,7 +212,9 @@ class LabelStudioBackend:
             )
         self._observe(INTERACTIVE, output, fresh)
         if not output["ok"]:
-            raise HTTPException(output["error"]["status"], output["error"]["message"])
+            retry_after = output["error"].get("retry_after_s")
+            raise HTTPException(output["error"]["status"], output["error"]["message"],
+                                headers={"Retry-After": str(retry_after)} if retry_after else None)
         return {"results": [prediction_from_output(output)]}
 
     def batch(self, tasks: list[Any], plan: PredictionPlan, model_version: str) -> dict:
@@ -340,7 +343,8 @@ def create_router(state: AppState) -> APIRouter:
         queue = state.queue()
         current = queue.current_model()
         # `training`: the last runs of the learning loop, refusals with the gate's numbers (schedule.py).
+        # `swap`: the last model swap of a worker; a failed one ({"ok": false, "error": ...}) shows here.
         return {"versions": queue.model_versions(), "current": current["version"] if current else None,
-                "training": training_status(queue.connection, queue.keys.prefix)}
+                "training": training_status(queue.connection, queue.keys.prefix), "swap": queue.last_swap()}
 
     return router

@@ -188,7 +188,8 @@ class Stack:
         self.port = free_port()
         self.server = self._spawn(["serve", "--host", "127.0.0.1", "--port", str(self.port)], "server",
                                   {**self.env, **env})
-        wait_for(lambda: httpx.get(self.base_url + "/health", timeout=1).status_code == 200, 30, "the server")
+        wait_for(lambda: httpx.get(self.base_url + "/health", timeout=1).status_code in (200, 503), 30,
+                 "the server")  # 503: up, but DOWN until a worker beats
 
     def start_worker(self, delay_s: float = 0.0, wait: bool = True) -> subprocess.Popen:
         env = {**self.env, "OSPREY_TEST_JOB_DELAY_S": str(delay_s)}

@@ -37,6 +37,23 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def test_without_a_live_worker_health_is_down_and_interactive_requests_get_503(fault_stack, payloads, configs,
+                                                                              helpers):
+    """Defect 2: /health said UP with no worker, and interactive requests timed out (504) instead."""
+    s = fault_stack
+    worker = s.start_worker()  # announces the model version (requests need it), then goes away
+    assert httpx.get(s.base_url + "/health", timeout=5).json()["status"] == "UP"
+    s.stop(worker)
+    down = helpers.wait_for(lambda: (r := httpx.get(s.base_url + "/health", timeout=5)).status_code == 503 and r,
+                            30, "/health to say DOWN")
+    assert down.json()["status"] == "DOWN" and "no worker is alive" in down.json()["reason"]
+    body = payloads.predict([payloads.task(401)], configs["keypoint_sam"],
+                            {"result": [payloads.keypoint(x=10.0, y=10.0, region_id="nw1")]})
+    refused = s.post("/predict", body)
+    assert refused.status_code == 503, refused.text
+    assert "no worker is alive" in refused.json()["detail"] and int(refused.headers["retry-after"]) > 0
+
+
 def test_worker_killed_mid_job_the_job_completes_on_another_worker(fault_stack, payloads, configs, helpers):
     s, wait_for = fault_stack, helpers.wait_for
     slow = s.start_worker(delay_s=120)
@@ -120,11 +137,14 @@ def test_redis_down_gives_503_and_the_backend_recovers_without_restart(tmp_path,
         assert "Redis" in down.json()["detail"] and "unavailable" in down.json()["detail"]
         assert down.headers["retry-after"] == "5"
         assert s.post("/setup", payloads.setup(config)).status_code == 503
-        assert httpx.get(s.base_url + "/health", timeout=5).status_code == 200  # the process is alive
+        health = httpx.get(s.base_url + "/health", timeout=5)  # the process answers, and says why it cannot serve
+        assert health.status_code == 503 and health.json()["status"] == "DOWN"
+        assert "Redis" in health.json()["reason"]
 
         server = _redis_server(port, wait_for)  # an empty Redis on the same port: no restart of server or worker
         recovered = wait_for(lambda: (r := interactive(703, 30.0)).status_code == 200 and r, 60,
                              "predictions to work again")
+        assert httpx.get(s.base_url + "/health", timeout=5).json()["status"] == "UP"
         assert {i["id"] for i in recovered.json()["results"][0]["result"]} == {"rd703"}
         assert all(p.poll() is None for p in [s.server, *s.workers])
     except BaseException:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -96,3 +97,109 @@ def test_osprey_predict_is_delegated_to_the_core_cli():
     bad = subprocess.run([sys.executable, "-m", "backend.cli", "fly"], cwd=REPO, capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "invalid choice: 'fly'" in bad.stderr
+
+
+def _run_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("OSPREY_", "LABEL_STUDIO_", "BASIC_AUTH_")) and k != "REDIS_URL"}
+    env |= {"MODEL_DIR": str(tmp_path / "data"), "LOCAL_FILES_DOCUMENT_ROOT": str(tmp_path / "files"),
+            "OSPREY_WORKER_HEARTBEAT_S": "1", "OSPREY_MAX_NEW_TOKENS": "8", "PYTHONUNBUFFERED": "1", **extra}
+    return env
+
+
+def _worker_pids(run_pid: int) -> set[int]:
+    found = set()
+    for pid in children_of(run_pid):
+        try:
+            cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"backend.cli\x00worker" in cmdline:
+            found.add(pid)
+    return found
+
+
+def test_osprey_run_restarts_a_killed_worker_and_health_follows(tmp_path, payloads, configs, helpers):
+    """Defect 2: after the worker was SIGKILLed (the OOM killer), it was never restarted, /health still said
+    UP and every interactive request timed out (504) forever."""
+    helpers.synthetic_png(tmp_path / "files" / "imgs" / "a.png")
+    port = helpers.free_port()
+    log = (tmp_path / "run.log").open("wb")
+    run = subprocess.Popen([sys.executable, "-m", "backend.cli", "run", "--host", "127.0.0.1", "--port", str(port)],
+                           cwd=REPO, env=_run_env(tmp_path, OSPREY_WORKER_RESTART_BACKOFF_S="4"), stdout=log,
+                           stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    config = configs["keypoint_sam"]
+
+    def interactive(region_id: str) -> httpx.Response:
+        context = {"result": [payloads.keypoint(region_id=region_id)]}
+        return httpx.post(base + "/predict", json=payloads.predict([payloads.task(1)], config, context), timeout=60)
+
+    def health() -> httpx.Response:
+        return httpx.get(base + "/health", timeout=5)
+
+    try:
+        helpers.wait_for(lambda: health().status_code == 200, 120, "osprey run to be UP")
+        assert health().json()["status"] == "UP"
+        assert interactive("before").status_code == 200
+        [worker] = _worker_pids(run.pid)
+        os.kill(worker, signal.SIGKILL)
+
+        down = helpers.wait_for(lambda: (r := health()).status_code == 503 and r, 30, "/health to say DOWN")
+        assert down.json()["status"] == "DOWN" and "no worker is alive" in down.json()["reason"]
+        refused = interactive("while-down")  # answered at once with the reason, not a 504 after 20 s
+        assert refused.status_code == 503, refused.text
+        assert "no worker is alive" in refused.json()["detail"] and refused.headers["retry-after"]
+
+        helpers.wait_for(lambda: health().status_code == 200, 120, "/health to be UP again")
+        [new_worker] = _worker_pids(run.pid)
+        assert new_worker != worker
+        after = interactive("after")
+        assert after.status_code == 200, after.text
+        assert {i["id"] for i in after.json()["results"][0]["result"]} == {"after"}
+    except BaseException:
+        log.flush()
+        print((tmp_path / "run.log").read_text(errors="replace")[-6000:])
+        raise
+    finally:
+        if run.poll() is None:
+            run.send_signal(signal.SIGTERM)
+            try:
+                run.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+        log.close()
+
+
+def test_osprey_run_gives_up_loudly_on_a_worker_that_keeps_crashing(tmp_path, helpers):
+    port = helpers.free_port()
+    log = (tmp_path / "run.log").open("wb")
+    env = _run_env(tmp_path, OSPREY_MODEL=str(tmp_path / "no-such-model"), OSPREY_WORKER_RESTART_BACKOFF_S="0.2",
+                   OSPREY_WORKER_MAX_FAST_CRASHES="2")
+    run = subprocess.Popen([sys.executable, "-m", "backend.cli", "run", "--host", "127.0.0.1", "--port", str(port)],
+                           cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def gave_up() -> Any:
+            r = httpx.get(base + "/health", timeout=5)
+            return r.status_code == 503 and "stopped restarting" in r.json().get("reason", "") and r
+
+        down = helpers.wait_for(gave_up, 180, "the supervisor to give up")
+        assert "2 times in a row" in down.json()["reason"]
+        assert _worker_pids(run.pid) == set()  # no restart loop left behind
+        log.flush()
+        assert "stopped restarting" in (tmp_path / "run.log").read_text(errors="replace")  # logged at ERROR
+    except BaseException:
+        log.flush()
+        print((tmp_path / "run.log").read_text(errors="replace")[-6000:])
+        raise
+    finally:
+        if run.poll() is None:
+            run.send_signal(signal.SIGTERM)
+            try:
+                run.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+        log.close()
