@@ -93,14 +93,19 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     config = _read_json(path / "tokenizer_config.json")
     json_file, model_file = path / "tokenizer.json", path / "tokenizer.model"
+    add_bos, add_eos = bool(config.get("add_bos_token", True)), bool(config.get("add_eos_token", False))
     if json_file.is_file() and json_file.stat().st_size > 0:  # an empty one is a known copy error (#39)
         try:
-            backend_json = Tokenizer.from_file(str(json_file)).to_str()
+            backend = Tokenizer.from_file(str(json_file))
         except Exception as e:  # not a tokenizers JSON file
             raise CheckpointError(f"cannot read {json_file}: {e}") from e
+        if str(config.get("tokenizer_class", "")).removesuffix("Fast") == "LlamaTokenizer":
+            # 4.31's LlamaTokenizerFast rebuilt the BOS/EOS template from tokenizer_config.json, whatever
+            # tokenizer.json held (recorded: saved_dir_add_eos_token in the fixture).
+            backend.post_processor = _llama_template(backend, add_bos, add_eos)
+        backend_json = backend.to_str()
     elif model_file.is_file():
-        backend_json = convert_llama_sentencepiece(model_file, add_bos=bool(config.get("add_bos_token", True)),
-                                                   add_eos=bool(config.get("add_eos_token", False))).to_str()
+        backend_json = convert_llama_sentencepiece(model_file, add_bos=add_bos, add_eos=add_eos).to_str()
         backend_json = _with_added_tokens_file(backend_json, path)
     else:
         raise CheckpointError(f"{path} has no tokenizer: expected tokenizer.json or tokenizer.model")
@@ -184,7 +189,7 @@ def convert_llama_sentencepiece(model_file: str | Path, add_bos: bool = True, ad
     Checked against sentencepiece on a probe text (a Unigram model would fail it).
     """
     import sentencepiece as spm
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
     try:
         sp = spm.SentencePieceProcessor(model_file=str(model_file))
@@ -208,15 +213,22 @@ def convert_llama_sentencepiece(model_file: str | Path, add_bos: bool = True, ad
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
-    single = (["<s>"] if add_bos else []) + ["$A:0"] + (["</s>"] if add_eos else [])
-    pair = single + [t.replace("$A:0", "$B:1") if t.startswith("$") else t + ":1" for t in single]
-    specials = [(t, vocab[t]) for t in ("<s>", "</s>") if t in single]
-    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+    tok.post_processor = _llama_template(tok, add_bos, add_eos)
     text = "Hello world, a red car.\nIt has 4 wheels: ok? é 東京"
     if tok.encode(text, add_special_tokens=False).ids != sp.encode(text):
         raise CheckpointError(f"{model_file} is not a LLaMA-style BPE SentencePiece model (its conversion "
                               "does not reproduce SentencePiece's own ids)")
     return tok
+
+
+def _llama_template(backend, add_bos: bool, add_eos: bool):
+    """LlamaTokenizerFast's template: `<s>:0 $A:0 [</s>:0]`, pairs `... <s>:1 $B:1 [</s>:1]`."""
+    from tokenizers import processors
+
+    single = (["<s>:0"] if add_bos else []) + ["$A:0"] + (["</s>:0"] if add_eos else [])
+    pair = single + [t[:-1] + "1" if not t.startswith("$") else "$B:1" for t in single]
+    specials = [(t, backend.token_to_id(t)) for t in ("<s>", "</s>") if f"{t}:0" in single]
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
 
 # --- prompts -> ids ----------------------------------------------------------------------------------

@@ -187,3 +187,27 @@ def test_a_32000_vocabulary_checkpoint_serves_the_recorded_ids(tmp_path, layout)
     mask[8:40, 8:40] = True
     answer = engine.describe(image, [mask], max_new_tokens=6)[0]
     assert not any(t in answer for t in ("<mask>", "<pos>", "</s>", "<s>", "<unk>"))
+
+
+def test_add_eos_token_in_the_config_is_honoured_as_4_31_did(tmp_path):
+    """4.31's LlamaTokenizerFast rebuilt the BOS/EOS template from tokenizer_config.json."""
+    for name in MODEL_ONLY + ["tokenizer.json", "added_tokens.json"]:
+        shutil.copy(FIXTURES / "legacy_true" / name, tmp_path / name)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["add_eos_token"] = True
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    recorded = EXPECTED["variants"]["legacy_true"]["saved_dir_add_eos_token"]
+    assert len(recorded) == 3
+    for layout_dir in (tmp_path, _without_json(tmp_path)):
+        tok = load_tokenizer(layout_dir)
+        for name, r in recorded.items():
+            assert tokenizer_image_token(r["text"], tok) == r["ids"], name
+
+
+def _without_json(path: Path) -> Path:
+    out = path / "model_only"
+    out.mkdir()
+    for f in path.iterdir():
+        if f.is_file() and f.name != "tokenizer.json":
+            shutil.copy(f, out / f.name)
+    return out
