@@ -158,3 +158,19 @@ def test_unusable_configs_raise_label_config_error(config, message):
     with pytest.raises(LabelConfigError, match=message):
         parse_label_config(config)
     assert issubclass(LabelConfigError, ValueError)
+
+
+def test_neutral_plan_names_categories_after_their_controls_and_round_trips():
+    from backend.service.tasks import Category, Plan
+
+    plan = parse_label_config((EXAMPLES / "polygon_rectangle.xml").read_text())
+    neutral = plan.to_plan()
+    assert [c.name for c in neutral.categories] == ["part", "object"]  # a *Labels tool, then a <Labels> control
+    assert neutral.category("object") == Category("object", ("car", "bus", "bicycle", "person"))
+    assert neutral.attributes == plan.attributes and neutral.descriptions == plan.descriptions
+    assert neutral.mask_target is None  # no brush tool: SAM masks cannot be shown as regions
+    assert Plan.from_dict(json.loads(json.dumps(neutral.to_dict()))) == neutral
+
+    sam = parse_label_config((EXAMPLES / "keypoint_sam.xml").read_text()).to_plan()
+    assert sam.mask_target is not None and sam.mask_target.meta == {"from_name": "mask", "type": "brushlabels"}
+    assert sam.mask_target.categories == ("mask",) and sam.mask_target.tags == ("mask",)
