@@ -32,7 +32,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from backend.service import labels as scoring
-from backend.service.geometry import MAX_REGIONS, check_size, click_prompt, positive, rasterise
+from backend.service.geometry import (
+    MAX_REGIONS,
+    check_geometry,
+    check_size,
+    click_prompt,
+    positive,
+    rasterise,
+)
 from backend.service.tasks import (
     Attribute,
     Category,
@@ -75,6 +82,7 @@ def predict_regions(
         raise RegionError(f"{len(specs)} regions in one task, above the limit of {MAX_REGIONS}")
     for spec in specs:
         check_size(spec, size)  # before anything is rasterised
+        check_geometry(spec.geometry, spec.width, spec.height)
     items = refine_regions(image, plan, specs, refiner)
     if not items:
         return []

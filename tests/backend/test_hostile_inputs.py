@@ -364,3 +364,20 @@ def test_server_bad_image_urls_are_422(served, payloads, url):
     assert response.status_code == 422, response.text[:500]
     assert "image URL" in response.json()["detail"]
     good_request(served, payloads)
+
+
+@pytest.mark.parametrize(
+    ("geometry", "message"),
+    [
+        ({"kind": "points", "points": [[1, 2]], "positive": "yes"}, "positive must be a list of booleans"),
+        ({"kind": "points", "points": "12"}, "must be a list of"),
+        ({"kind": "box", "x": 1, "y": 1, "width": -3, "height": 2}, "width must be > 0"),
+        ({"kind": "rle", "size": [H, W], "counts": {"a": 1}}, "counts must be a string or a list"),
+        ({"kind": "rle", "size": [H + 1, W], "counts": "0"}, "does not match"),
+    ],
+)
+def test_malformed_neutral_job_geometry_is_a_region_error(engine, image, geometry, message):
+    """A job payload that did not come from an adapter is still the input's fault, never a TypeError."""
+    plan = Plan(categories=(Category("box", ("cat", "dog")),))
+    with pytest.raises(RegionError, match=message):
+        predict_regions(engine, image, plan, [RegionSpec("g", geometry, W, H, categories=("box",))])
