@@ -119,7 +119,9 @@ def load_versioned(source: str | Path, quantization: str | None = None, **kwargs
 
         path = resolve_source(name)
         model, tokenizer, cfg = load_model(path, quantization=quantization, **kwargs)
-        version = versioning.version_of_directory(path, cfg)
+        vision = kwargs.get("vision_tower_file")  # weights from outside the directory are part of it too
+        extra = {"vision_tower_file": versioning.file_hash(vision)} if vision is not None else None
+        version = versioning.version_of_directory(path, cfg, extra=extra)
     return model, tokenizer, cfg, version + (f"-{quantization}" if quantization else "")
 
 

@@ -152,7 +152,8 @@ def _wrap(backend_json: str, config: dict[str, Any], path: Path):
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=_special(backend, "bos_token", config, "<s>"),
         eos_token=_special(backend, "eos_token", config, "</s>"), unk_token=unk, pad_token=unk,
-        padding_side="right", model_max_length=2048, clean_up_tokenization_spaces=False,
+        padding_side="right", model_max_length=2048,
+        clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),  # 4.31 Llama default
     )
     tok.add_tokens(ADDED_TOKENS, special_tokens=True)  # a no-op now, as the official scripts re-call it
     if tok(_PROBE).input_ids != reference.encode(_PROBE).ids:

@@ -79,12 +79,23 @@ def versioned_files(directory: str | Path) -> list[Path]:
 
 def file_hashes(directory: str | Path) -> dict[str, str]:
     """{file name: sha256} of `versioned_files`, re-hashing only files whose size or mtime changed."""
-    directory = Path(directory)
+    return _cached_hashes(Path(directory), versioned_files(directory), prune=True)
+
+
+def file_hash(path: str | Path) -> str:
+    """sha256 of one file (e.g. a separate vision-tower file), cached like a directory's files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no file at {path}")
+    return _cached_hashes(path.parent, [path], prune=False)[path.name]
+
+
+def _cached_hashes(directory: Path, paths: list[Path], prune: bool) -> dict[str, str]:
     cache_file = _cache_location(directory)
     cache = _read_cache(cache_file)
     out: dict[str, str] = {}
-    fresh: dict[str, Any] = {}
-    for path in versioned_files(directory):
+    fresh: dict[str, Any] = {} if prune else dict(cache)
+    for path in paths:
         st = path.stat()
         entry = cache.get(path.name)
         if not (isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns

@@ -184,3 +184,22 @@ def test_presets_get_content_versions():
     model, tok, cfg, version = load_versioned("tiny")
     assert VERSION.fullmatch(version) and version == versioning.version_of_model(model, tok, cfg)
     assert load_engine("tiny").model_version == version
+
+
+def test_a_separate_vision_tower_file_is_part_of_the_version(checkpoint_dir, tmp_path, hash_calls):
+    """Weights from outside the directory (`vision_tower_file`) change what is served: in the version."""
+    prefix = "model.vision_tower.vision_tower."
+    sd = load_file(str(checkpoint_dir / "model.safetensors"))
+    clip = {k[len(prefix):]: v.clone() for k, v in sd.items() if k.startswith(prefix)}
+    torch.save(clip, tmp_path / "clip.bin")
+    plain = load_versioned(checkpoint_dir)[3]
+    same_weights = load_versioned(checkpoint_dir, vision_tower_file=tmp_path / "clip.bin")[3]
+    assert same_weights != plain  # another source of weights, another version
+    gamma = "visual.trunk.stages.0.blocks.0.gamma"
+    clip[gamma] = clip[gamma] * 2
+    torch.save(clip, tmp_path / "clip.bin")
+    other = load_versioned(checkpoint_dir, vision_tower_file=tmp_path / "clip.bin")[3]
+    assert other not in (plain, same_weights)
+    hash_calls.clear()
+    assert load_versioned(checkpoint_dir, vision_tower_file=tmp_path / "clip.bin")[3] == other
+    assert hash_calls == []
