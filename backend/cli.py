@@ -110,7 +110,8 @@ def run_all(settings: Settings) -> None:
         supervisor = Supervisor(
             children, spawn=lambda args: start_worker_process(env, args), stop=stop_process,
             queue=JobQueue(connect(url), settings), backoff_s=settings.osprey_worker_restart_backoff_s,
-            max_fast_crashes=settings.osprey_worker_max_fast_crashes, fast_crash_s=settings.osprey_worker_fast_crash_s)
+            max_fast_crashes=settings.osprey_worker_max_fast_crashes, fast_crash_s=settings.osprey_worker_fast_crash_s,
+            stale_after_s=3.0 * settings.osprey_worker_heartbeat_s)
         supervisor.start()
         logger.info("worker processes %s started; serving on http://%s:%d", supervisor.pids(), settings.host,
                     settings.port)

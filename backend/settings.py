@@ -76,6 +76,19 @@ class Settings(BaseSettings):
     osprey_max_queued_interactive: int = Field(
         256, description="Interactive jobs allowed in the queue; a request beyond it is answered 429 (Retry-After)."
     )
+    osprey_max_queued_batch: int = Field(
+        100_000, description="Batch jobs allowed to wait (all projects); a batch request beyond it gets 429."
+    )
+    osprey_max_queued_writeback: int = Field(
+        10_000, description="Write-backs allowed to wait (Label Studio down); beyond it batch requests get 503."
+    )
+    osprey_interactive_reserved_workers: int = Field(
+        1, description="Prediction workers kept free of batch jobs (while more than this many are alive)."
+    )
+    osprey_job_hang_grace_s: float = Field(
+        60.0, description="A job still running this long past OSPREY_JOB_TIMEOUT_S (stuck in native code) gets "
+                          "its worker process killed and replaced; the job is retried, then failed (504)."
+    )
     osprey_redis_max_connections: int = Field(
         64, description="Redis connections per process; a request waits for a free one (queueing, not failing)."
     )

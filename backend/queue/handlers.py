@@ -18,6 +18,7 @@ the ``writeback`` queue, or records the task as undeliverable; this module impor
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -28,6 +29,7 @@ from backend.queue.jobs import (
     JobQueue,
     RedisKeys,
     error_output,
+    hang_reason,
     publish_output,
     record_undeliverable,
 )
@@ -66,11 +68,17 @@ def predict_job(payload: dict) -> dict:
         plan = Plan.from_dict(payload["plan"])
         specs = [RegionSpec.from_dict(r) for r in payload["regions"]]
         image = rt.media.load_image(payload["image_url"])
+        regions = payload["regions"]
+        if not specs and payload["plan"].get("autolabel"):  # a region-less task: propose its regions
+            from backend.service.autolabel import worker_specs
+
+            specs = worker_specs(rt, image, plan, payload["plan"]["autolabel"])
+            regions = [s.to_dict() for s in specs]
         answers = predict_regions(rt.engine, image, plan, specs, refiner=rt.refiner)
     except INPUT_ERRORS as exc:  # the project's own bad-input errors only: anything else is a bug, retried
         output = error_output(input_status(exc), str(exc), worker=rt.name)
     else:
-        output = {"ok": True, "answers": [a.to_dict() for a in answers], "regions": payload["regions"],
+        output = {"ok": True, "answers": [a.to_dict() for a in answers], "regions": regions,
                   "plan": payload["plan"], "model_version": rt.engine.model_version,
                   "elapsed_s": time.perf_counter() - started, "worker": rt.name}
 
@@ -88,7 +96,14 @@ def on_job_failure(job: Any, connection: Any, exc_type: Any, exc_value: Any, tb:
         return
     keys = RedisKeys.from_queue_name(job.origin)
     name = getattr(exc_type, "__name__", str(exc_type))
-    output = error_output(502, f"prediction failed after its retries: {name}: {exc_value}")
+    hung = connection.hget(keys.hung, job.id)
+    if hung is not None:  # its worker was killed for hanging in native code (worker.py watchdog)
+        output = error_output(504, hang_reason(json.loads(hung)))
+    elif name == "AbandonedJobError":  # its worker died (SIGKILL, OOM, a hang holding the GIL) every time
+        output = error_output(503, "the worker running this prediction died on every attempt (killed, out of "
+                                   "memory, or hung); see the worker log", retry_after_s=30)
+    else:
+        output = error_output(502, f"prediction failed after its retries: {name}: {exc_value}")
     result_ttl = min(job.result_ttl, ERROR_TTL_S) if job.result_ttl and job.result_ttl > 0 else ERROR_TTL_S
     delivery = publish_output(connection, keys, job.id, output, result_ttl, "jobs_failed")
     if delivery is not None and job.origin.endswith(f":{BATCH}"):

@@ -32,14 +32,29 @@ workers also keep a liveness entry (``heartbeat_worker``); ``live_workers()`` is
 interactive path read, so a dead worker gives DOWN and 503 instead of silent timeouts.
 
 Admission. A web process answers 429 with Retry-After (``QueueBusy``) instead of queueing without bound:
-more than OSPREY_MAX_WAITING requests waiting in this process, or more than OSPREY_MAX_QUEUED_INTERACTIVE
-interactive jobs queued; and 503 (``NoWorker``) for an interactive request when no worker is alive.
+more than OSPREY_MAX_WAITING requests waiting in this process, more than OSPREY_MAX_QUEUED_INTERACTIVE
+interactive or OSPREY_MAX_QUEUED_BATCH batch jobs queued; 503 when OSPREY_MAX_QUEUED_WRITEBACK write-backs
+wait (the annotation tool is down) and for an interactive request when no worker is alive (``NoWorker``).
+
+Fair lanes. Batch jobs of one group (a project) wait in their own RQ queue ``<prefix>:batch-<group>`` that
+no worker reads; ``feed`` (a Lua script run after each batch submit and before each worker dequeue) moves
+them round-robin across groups into ``<prefix>:batch``, keeping it a few jobs deep, so a 10-task batch of
+one project starts next to another project's 10,000-task run instead of after it. A worker takes a batch
+job only while it holds one of the batch slots (``acquire_batch_slot``): all live workers but
+OSPREY_INTERACTIVE_RESERVED_WORKERS, so the batch lane never takes every worker, and every worker looks at
+the interactive queue first between jobs.
+
+Hangs. A worker whose job runs OSPREY_JOB_HANG_GRACE_S past its timeout (stuck in native code, where RQ's
+SIGALRM cannot interrupt it) records the job in ``<prefix>:hung`` and kills its own process; the job is
+retried on a fresh process, and after its retries it fails with a 504 that says so (``on_job_failure``).
+An interactive waiter gets that 504 as soon as the first hang is recorded.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -107,6 +122,61 @@ return 'pending'
 """
 
 
+# Moves up to ARGV[1] - LLEN(batch) job ids from the groups' hold queues into the batch queue, one group
+# after another (round-robin), rewriting each job's origin so retries and registries use the batch queue.
+# KEYS: batch queue list, ring. ARGV: target depth, RQ queue-key prefix of holds, batch queue name.
+FEED_LUA = """
+local depth = redis.call('LLEN', KEYS[1])
+local target = tonumber(ARGV[1])
+local moved = 0
+local turns = redis.call('LLEN', KEYS[2])
+while depth < target and turns > 0 do
+  local group = redis.call('LPOP', KEYS[2])
+  if not group then break end
+  local hold = ARGV[2] .. group
+  local job_id = redis.call('LPOP', hold)
+  if job_id then
+    redis.call('HSET', 'rq:job:' .. job_id, 'origin', ARGV[3])
+    redis.call('RPUSH', KEYS[1], job_id)
+    depth = depth + 1
+    moved = moved + 1
+  end
+  if redis.call('LLEN', hold) > 0 then
+    redis.call('RPUSH', KEYS[2], group)
+  else
+    turns = turns - 1
+  end
+end
+return moved
+"""
+
+# KEYS: ring. ARGV: group. Adds the group to the round-robin ring unless it is there.
+RING_ADD_LUA = """
+if not redis.call('LPOS', KEYS[1], ARGV[1]) then redis.call('RPUSH', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+# KEYS: slots. ARGV: worker, capacity, now, deadline. 1 if the worker holds (or now took) a batch slot.
+SLOT_LUA = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+_GROUP_RE = re.compile(r"[A-Za-z0-9_.]{1,48}")
+
+
+def batch_group(project: Any) -> str:
+    """The fairness group of a batch job: its project, as a safe queue-name part ('' = no project)."""
+    if project is None or project == "":
+        return ""
+    text = str(project)
+    return text if _GROUP_RE.fullmatch(text) else content_digest(text, 16)
+
+
 class QueueBusy(Exception):
     """The service sheds load instead of queueing without bound; answered with `status_code` + Retry-After."""
 
@@ -120,6 +190,12 @@ class QueueBusy(Exception):
 
 class NoWorker(QueueBusy):
     """No prediction worker has a live heartbeat: an interactive request cannot be answered (503)."""
+
+    status_code = 503
+
+
+class Backlogged(QueueBusy):
+    """Deliveries to the annotation tool pile up (it is down): new batch work is refused (503) until they drain."""
 
     status_code = 503
 
@@ -163,6 +239,7 @@ class JobSpec:
     plan: dict
     model_version: str
     prefix: str
+    group: str = ""  # batch fairness group (the project); not part of the job id
     job_id: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -180,6 +257,7 @@ class JobSpec:
             "regions": self.regions,
             "plan": self.plan,
             "model_version": self.model_version,
+            "group": self.group,
         }
 
 
@@ -218,6 +296,9 @@ class JobQueue:
             first_s=float(_setting(settings, "osprey_writeback_backoff_s", 5.0)),
         )
         self._publish = connection.register_script(PUBLISH_LUA)
+        self._feed = connection.register_script(FEED_LUA)
+        self._ring_add = connection.register_script(RING_ADD_LUA)
+        self._slot = connection.register_script(SLOT_LUA)
         self._claim = connection.register_script(CLAIM_LUA)
         self._listener: DoneListener | None = None
         self._listener_lock = threading.Lock()
@@ -262,6 +343,9 @@ class JobQueue:
         if waiting >= max_waiting:
             raise QueueBusy(f"this server already has {waiting} requests waiting for workers "
                             f"(OSPREY_MAX_WAITING={max_waiting}); retry shortly or add workers")
+        if kind == BATCH:
+            self._admit_batch()
+            return
         if kind != INTERACTIVE:
             return
         if self.live_worker_count(cached=True) == 0:
@@ -272,6 +356,64 @@ class JobQueue:
             raise QueueBusy(f"{queued} interactive jobs are already queued (OSPREY_MAX_QUEUED_INTERACTIVE="
                             f"{max_queued}); the workers cannot keep up: retry shortly or add workers")
 
+    def _admit_batch(self) -> None:
+        max_batch = int(_setting(self.settings, "osprey_max_queued_batch", 100_000))
+        queued = self.batch_depth()
+        if queued >= max_batch:
+            raise QueueBusy(f"{queued} batch jobs are already queued (OSPREY_MAX_QUEUED_BATCH={max_batch}); "
+                            "retry when the running batches have progressed", retry_after_s=30)
+        max_wb = int(_setting(self.settings, "osprey_max_queued_writeback", 10_000))
+        backlog = int(self.connection.llen(self.writeback.key))
+        backlog += self.writeback.scheduled_job_registry.get_job_count(cleanup=False)
+        if backlog >= max_wb:
+            raise Backlogged(f"{backlog} write-backs to the annotation tool are waiting (OSPREY_MAX_QUEUED_WRITEBACK="
+                             f"{max_wb}): is Label Studio reachable? batch requests resume when they drain",
+                             retry_after_s=60)
+
+    def hold_queue(self, group: str) -> Queue:
+        """The RQ queue where one group's batch jobs wait for the feeder (see the module docstring)."""
+        return Queue(self.keys.batch_hold(group), connection=self.connection, serializer=JSONSerializer,
+                     default_timeout=int(self.settings.osprey_job_timeout_s))
+
+    def _lane(self, spec: JobSpec) -> Queue:
+        if spec.kind == BATCH and spec.group:
+            return self.hold_queue(spec.group)
+        return self.queues[spec.kind]
+
+    def feed(self, target: int | None = None) -> int:
+        """Top the batch queue up to `target` jobs (default twice the live workers, at least 2), taking
+        one job per group in turn. Cheap when nothing waits; returns the number of jobs moved."""
+        if target is None:
+            target = max(2, 2 * self.live_worker_count(cached=True))
+        moved = self._feed(keys=[self.batch.key, self.keys.batch_ring],
+                           args=[target, "rq:queue:" + self.keys.batch_hold(""), self.batch.name])
+        return int(moved or 0)
+
+    def hold_depth(self) -> int:
+        """Batch jobs still waiting in the groups' hold queues."""
+        groups = [g.decode() for g in self.connection.lrange(self.keys.batch_ring, 0, -1)]
+        if not groups:
+            return 0
+        pipe = self.connection.pipeline(transaction=False)
+        for group in groups:
+            pipe.llen("rq:queue:" + self.keys.batch_hold(group))
+        return sum(int(n) for n in pipe.execute())
+
+    def batch_depth(self) -> int:
+        return int(self.connection.llen(self.batch.key)) + self.hold_depth()
+
+    def acquire_batch_slot(self, worker: str, ttl_s: float) -> bool:
+        """Whether `worker` may take a batch job now; holding a slot for `ttl_s` (refresh while running).
+
+        Slots = live prediction workers minus OSPREY_INTERACTIVE_RESERVED_WORKERS, at least one."""
+        reserved = int(_setting(self.settings, "osprey_interactive_reserved_workers", 1))
+        capacity = max(1, self.live_worker_count(cached=True) - max(0, reserved))
+        now = time.time()
+        return bool(self._slot(keys=[self.keys.batch_slots], args=[worker, capacity, now, now + ttl_s]))
+
+    def release_batch_slot(self, worker: str) -> None:
+        self.connection.zrem(self.keys.batch_slots, worker)
+
     def submit(self, spec: JobSpec) -> bool:
         """Enqueue `spec` unless the same work is queued, running or finished. True if enqueued now.
 
@@ -279,7 +421,7 @@ class JobQueue:
         self.admit(spec.kind)
         for _ in range(3):
             try:
-                self.queues[spec.kind].enqueue_call(
+                self._lane(spec).enqueue_call(
                     PREDICT_FUNC,
                     args=(spec.payload(),),
                     job_id=spec.job_id,
@@ -291,6 +433,9 @@ class JobQueue:
                     on_failure=Callback(FAILURE_CALLBACK),
                 )
                 self.connection.zadd(self.keys.pending, {spec.job_id: time.time()})
+                if spec.kind == BATCH and spec.group:
+                    self._ring_add(keys=[self.keys.batch_ring], args=[spec.group])
+                    self.feed()
                 return True
             except DuplicateJobError:
                 if self._reusable(spec.job_id):
@@ -346,6 +491,11 @@ class JobQueue:
                     pending = [j for j in pending if j not in found]
                     if not pending:
                         break
+                    if require_worker:
+                        found.update(self.hung_outputs(pending))
+                        pending = [j for j in pending if j not in found]
+                        if not pending:
+                            break
                     if require_worker and self.live_worker_count(cached=True) == 0:
                         reason = self.no_worker_reason()
                         found.update({j: error_output(503, reason, retry_after_s=10) for j in pending})
@@ -355,6 +505,26 @@ class JobQueue:
         finally:
             listener.unwatch(list(dict.fromkeys(job_ids)), event)
         return found
+
+    def record_hang(self, job_id: str, worker: str, after_s: float) -> None:
+        """A worker is about to kill itself because `job_id` hangs; keep why (see ``hung_outputs``)."""
+        previous = self.connection.hget(self.keys.hung, job_id)
+        attempts = (json.loads(previous).get("attempts", 0) if previous else 0) + 1
+        pipe = self.connection.pipeline(transaction=False)
+        pipe.hset(self.keys.hung, job_id, canonical_json({"worker": worker, "after_s": round(after_s, 1),
+                                                          "attempts": attempts, "at": time.time()}))
+        pipe.expire(self.keys.hung, max(self.result_ttl, 3600))
+        pipe.hincrby(self.keys.stats, "jobs_hung", 1)
+        pipe.execute()
+
+    def hung_outputs(self, job_ids: Sequence[str]) -> dict[str, dict]:
+        """504 outputs for jobs a worker was killed for (an interactive click is not retried for minutes)."""
+        ids = list(job_ids)
+        if not ids:
+            return {}
+        values = self.connection.hmget(self.keys.hung, ids)
+        return {j: error_output(504, hang_reason(json.loads(v))) for j, v in zip(ids, values, strict=True)
+                if v is not None}
 
     def _failed_without_output(self, job_ids: Sequence[str]) -> dict[str, dict]:
         """Jobs RQ gave up on (or that vanished) without publishing: report them instead of waiting."""
@@ -386,7 +556,15 @@ class JobQueue:
         return answer.decode() if isinstance(answer, bytes) else str(answer)
 
     def depths(self) -> dict[str, int]:
-        return {kind: q.count for kind, q in self.queues.items()}
+        """Jobs waiting per lane (batch includes the groups' hold queues)."""
+        depths = {kind: q.count for kind, q in self.queues.items()}
+        depths[BATCH] += self.hold_depth()
+        return depths
+
+    def oldest_pending_age_s(self) -> float | None:
+        """Age of the oldest enqueued job without an output yet (None when nothing is pending)."""
+        oldest = self.connection.zrange(self.keys.pending, 0, 0, withscores=True)
+        return max(0.0, time.time() - oldest[0][1]) if oldest else None
 
     def snapshot(self) -> dict[str, Any]:
         """Queue depths, running jobs, registered workers and worker counters (for /metrics and errors)."""
@@ -521,7 +699,7 @@ class JobQueue:
             if status in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
                 self.connection.zrem(self.keys.pending, job_id)
                 continue
-            queue = self.queues[BATCH] if job.origin == self.queues[BATCH].name else self.queues[INTERACTIVE]
+            queue = self._queue_of(job.origin)
             is_lost = (
                 status == JobStatus.QUEUED
                 and self.connection.lpos(queue.key, job_id) is None
@@ -541,6 +719,15 @@ class JobQueue:
                 self.connection.hdel(self.keys.lost, job_id)
                 queue.enqueue_job(job)
                 self.bump("jobs_recovered")
+
+    def _queue_of(self, origin: str) -> Queue:
+        """The RQ queue a job belongs to: one of ours, or a group's hold queue."""
+        for queue in self.queues.values():
+            if queue.name == origin:
+                return queue
+        if origin.startswith(self.keys.batch_hold("")):
+            return self.hold_queue(origin[len(self.keys.batch_hold("")):])
+        return self.queues[INTERACTIVE]
 
     # ---- model versions -------------------------------------------------------------------------
 
@@ -580,6 +767,12 @@ class JobQueue:
     def last_swap(self) -> dict | None:
         value = self.connection.get(self.keys.model_swap)
         return json.loads(value) if value is not None else None
+
+
+def hang_reason(record: dict) -> str:
+    return (f"the prediction hung (no result {record.get('after_s')} s after it started, stuck in native code); "
+            f"the worker process was killed and replaced ({record.get('attempts', 1)} time(s)); a hang that "
+            "repeats is a bug or a GPU fault: see the worker log")
 
 
 def live_workers(connection: Redis, prefix: str) -> list[str]:

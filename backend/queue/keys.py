@@ -99,6 +99,28 @@ class RedisKeys:
     def reaper_lock(self) -> str:
         return f"{self.prefix}:reaper_lock"
 
+    # ---- fair batch lane --------------------------------------------------------------------------
+    def batch_hold(self, group: str) -> str:
+        """RQ queue name where one project's batch jobs wait; no worker listens to it directly: the feeder
+        (``JobQueue.feed``) moves jobs round-robin across projects into the ``batch`` queue."""
+        return f"{self.prefix}:batch-{group}"
+
+    @property
+    def batch_ring(self) -> str:
+        """List of the groups (projects) with waiting batch jobs, in round-robin order."""
+        return f"{self.prefix}:batch_ring"
+
+    @property
+    def batch_slots(self) -> str:
+        """Sorted set worker name -> deadline: workers allowed to run a batch job now (at most all but
+        OSPREY_INTERACTIVE_RESERVED_WORKERS of the live workers)."""
+        return f"{self.prefix}:batch_slots"
+
+    @property
+    def hung(self) -> str:
+        """Hash job id -> JSON {worker, after_s, attempts, at}: jobs whose worker was killed for hanging."""
+        return f"{self.prefix}:hung"
+
     # ---- workers ---------------------------------------------------------------------------------
     @property
     def live_workers(self) -> str:

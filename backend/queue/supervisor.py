@@ -5,11 +5,17 @@ OSPREY_WORKER_FAST_CRASH_S), at most 60 s. After OSPREY_WORKER_MAX_FAST_CRASHES 
 supervisor gives up on that worker: it logs an ERROR with the exit code and records ``gave_up`` with the
 reason in ``<prefix>:supervisor``, which /health and the 503 of interactive requests show. When a child
 exits, its liveness entry is removed at once, so /health is DOWN from that moment until a new worker beats.
+
+A child that is alive but whose liveness expired ``stale_after_s`` ago (after it had beaten once, while
+Redis answered) is hung with the GIL held -- its beat thread cannot run -- and is killed (SIGKILL), then
+restarted like any dead worker; its job is retried by the reaper (see backend/queue/worker.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -38,6 +44,8 @@ class Child:
     gave_up: bool = False
     restarts: int = 0
     exit_codes: list[int] = field(default_factory=list)
+    seen_live: bool = False  # it has beaten since its start (a model load before the first beat is not a hang)
+    hang_kills: int = 0
 
 
 class Supervisor:
@@ -45,7 +53,7 @@ class Supervisor:
 
     def __init__(self, children: Sequence[Child], spawn: Callable[[list[str]], subprocess.Popen],
                  stop: Callable[[subprocess.Popen], None], queue: Any = None, *, backoff_s: float = 1.0,
-                 max_fast_crashes: int = 5, fast_crash_s: float = 60.0):
+                 max_fast_crashes: int = 5, fast_crash_s: float = 60.0, stale_after_s: float | None = None):
         self.children = list(children)
         self._spawn = spawn
         self._stop_process = stop
@@ -53,6 +61,9 @@ class Supervisor:
         self.backoff_s = backoff_s
         self.max_fast_crashes = max(1, int(max_fast_crashes))
         self.fast_crash_s = fast_crash_s
+        self.stale_after_s = stale_after_s
+        self._redis_ok_since: float | None = None
+        self._next_liveness_check = 0.0
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -83,6 +94,7 @@ class Supervisor:
         child.process = self._spawn(child.args)
         child.started_at = time.monotonic()
         child.restart_at = None
+        child.seen_live = False
         logger.info("worker %s started (pid %d)", child.name, child.process.pid)
 
     def _watch(self) -> None:
@@ -102,7 +114,10 @@ class Supervisor:
                 child.restarts += 1
                 self._start(child)
             return
-        if child.process is None or child.process.poll() is None:
+        if child.process is None:
+            return
+        if child.process.poll() is None:
+            self._check_liveness(child)
             return
         code = child.process.returncode
         child.exit_codes.append(code)
@@ -121,6 +136,38 @@ class Supervisor:
         logger.error("worker %s exited with code %s after %.1f s; restarting it in %.1f s", child.name, code,
                      ran_s, delay)
         child.restart_at = now + delay
+
+    def _check_liveness(self, child: Child) -> None:
+        """Kill a child that is alive but stopped beating (a native hang holding the GIL)."""
+        if self.queue is None or self.stale_after_s is None:
+            return
+        now = time.time()
+        if now < self._next_liveness_check and child.seen_live:
+            return
+        self._next_liveness_check = now + min(1.0, self.stale_after_s / 3)
+        try:
+            deadline = self.queue.connection.zscore(self.queue.keys.live_workers, child.name)
+        except RedisError:
+            self._redis_ok_since = None
+            return
+        if self._redis_ok_since is None:
+            self._redis_ok_since = now
+        if deadline is None:
+            return
+        if deadline > now:
+            child.seen_live = True
+            return
+        redis_steady = now - self._redis_ok_since >= self.stale_after_s  # not just back from an outage
+        if child.seen_live and redis_steady and now - deadline >= self.stale_after_s:
+            child.hang_kills += 1
+            logger.error("worker %s (pid %d) is alive but sent no heartbeat for %.0f s: hung (in native code "
+                         "holding the GIL?); killing it so that it is replaced", child.name, child.process.pid,
+                         now - deadline + self.stale_after_s)
+            try:
+                os.kill(child.process.pid, signal.SIGKILL)
+                self.queue.bump("workers_killed_hung")
+            except (OSError, RedisError):
+                pass
 
     def _forget(self, child: Child) -> None:
         if self.queue is None:

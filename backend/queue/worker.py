@@ -28,16 +28,31 @@ What RQ's SimpleWorker (rq 3.0) lacks, and this class adds:
 - *Redis outages.* Reconnection waits at most 2 s between tries; if RQ's loop gives up, a new worker
   object takes over with the same loaded model.
 
-Test-only hook: OSPREY_TEST_JOB_DELAY_S (read once at start, default 0) sleeps that long at the start of
-every job, after the job is registered as started, so fault tests can SIGKILL a worker mid-job. Nothing
-else in this module behaves differently under test.
+- *Fair lanes.* Before each dequeue the worker feeds the batch queue round-robin from the projects' hold
+  queues and takes a batch job only while it holds a batch slot (``JobQueue.acquire_batch_slot``: all
+  live workers but OSPREY_INTERACTIVE_RESERVED_WORKERS); without one it serves interactive and write-back
+  only, re-checking every beat. Interactive comes first in every dequeue, so between two batch jobs a
+  worker always takes a waiting click first.
+- *Hang watchdog.* A job still running OSPREY_JOB_HANG_GRACE_S past its timeout is stuck where RQ's
+  SIGALRM cannot reach (native code). The beat thread records it (``JobQueue.record_hang``) and kills
+  this process with SIGKILL; its registry entry expires, the reaper retries the job, and the supervisor
+  (``osprey run``, or the container's restart policy) starts a fresh process. A hang that holds the GIL
+  stops the beat thread too: then ``osprey run``'s supervisor kills the process when its liveness expires.
+
+Test-only hooks (read once at start): OSPREY_TEST_JOB_DELAY_S (default 0) sleeps that long at the start of
+every job, after the job is registered as started, so fault tests can SIGKILL a worker mid-job;
+OSPREY_TEST_NATIVE_HANG_TASK=<task id> makes jobs of that task call libc ``sleep`` for
+OSPREY_TEST_NATIVE_HANG_S (default 3600) with SIGALRM blocked (a C call RQ's timeout cannot interrupt;
+OSPREY_TEST_NATIVE_HANG_GIL=1 holds the GIL during it). Nothing else behaves differently under test.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -60,6 +75,7 @@ from backend.queue.jobs import BATCH, INTERACTIVE, KINDS, WRITEBACK, JobQueue
 logger = logging.getLogger(__name__)
 
 TEST_DELAY_ENV = "OSPREY_TEST_JOB_DELAY_S"
+TEST_HANG_TASK_ENV = "OSPREY_TEST_NATIVE_HANG_TASK"
 DEFAULT_QUEUES = (INTERACTIVE, BATCH, WRITEBACK)
 
 
@@ -180,6 +196,39 @@ class OspreyWorker(SimpleWorker):
         writeback = [q for q in queues if q.name.endswith(f":{WRITEBACK}")]
         self._retry_scheduler = (RQScheduler(writeback, connection=runtime.connection, serializer=JSONSerializer)
                                  if writeback else None)
+        self._all_queues = list(self._ordered_queues)
+        self._batch_queue = next((q for q in queues if q.name == runtime.queue.batch.name), None)
+        self.hang_grace_s = float(getattr(runtime.settings, "osprey_job_hang_grace_s", 60.0) or 60.0)
+        self._native_hang = _native_hang_hook()
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None,
+                                     max_idle_time: int | None = None) -> tuple[Job, Queue] | None:
+        """RQ's dequeue, with the fair batch lane: feed it, and take batch jobs only with a batch slot."""
+        if self._batch_queue is None:
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        while True:
+            queue = self.runtime.queue
+            try:
+                queue.feed()
+                may_batch = queue.acquire_batch_slot(self.name, 3 * self.heartbeat_s)
+            except RedisError:
+                may_batch = True  # RQ's own loop below waits for Redis to come back
+            self._ordered_queues = [q for q in self._all_queues if may_batch or q is not self._batch_queue]
+            if timeout is None:  # burst: one non-blocking look
+                result = super().dequeue_job_and_maintain_ttl(None, max_idle_time)
+            else:  # short blocking waits: the slot (and the feed) are looked at again every beat
+                wait = min(int(timeout), self.heartbeat_s)
+                result = super().dequeue_job_and_maintain_ttl(wait, wait)
+            if may_batch and (result is None or result[1].name != self._batch_queue.name):
+                self._release_slot()
+            if result is not None or timeout is None or self._stop_requested:
+                return result
+
+    def _release_slot(self) -> None:
+        try:
+            self.runtime.queue.release_batch_slot(self.name)
+        except RedisError:
+            pass  # it expires after three beats
 
     def request_stop(self, signum: Any, frame: Any) -> None:
         """SIGINT/SIGTERM: RQ's warm shutdown (finish the running job), and no restart afterwards."""
@@ -204,21 +253,44 @@ class OspreyWorker(SimpleWorker):
                 logger.warning("could not check the announced model version; keeping %s", self.runtime.source)
             if self.test_job_delay_s:
                 time.sleep(self.test_job_delay_s)
+            if self._native_hang is not None:
+                self._native_hang(job)
             return super().perform_job(job, queue, execution)
         finally:
             stop.set()
             beat.join()
+            if self._batch_queue is not None and queue.name == self._batch_queue.name:
+                self._release_slot()
 
     def _beat(self, job: Job, execution: Any, stop: threading.Event) -> None:
         started = time.monotonic()
+        batch = job.origin == (self._batch_queue.name if self._batch_queue is not None else None)
         while not stop.wait(self.heartbeat_s):
-            if job.timeout and job.timeout > 0 and time.monotonic() - started > job.timeout + 60:
-                logger.error("job %s runs past its timeout; no more heartbeats, another worker will retry it", job.id)
+            running_s = time.monotonic() - started
+            if job.timeout and job.timeout > 0 and running_s > job.timeout + self.hang_grace_s:
+                self._kill_hung(job, running_s)
                 return
             try:
                 self.maintain_heartbeats(job, execution)
+                if batch:
+                    self.runtime.queue.acquire_batch_slot(self.name, 3 * self.heartbeat_s)
             except RedisError as exc:
                 logger.warning("heartbeat of job %s failed: %s", job.id, exc)
+
+    def _kill_hung(self, job: Job, running_s: float) -> None:
+        """The job is stuck where no Python exception reaches it: give its work to a fresh process."""
+        logger.error("job %s still runs %.0f s after it started (timeout %s s + OSPREY_JOB_HANG_GRACE_S %g s): "
+                     "stuck in native code; killing this worker process so that it is replaced and the job "
+                     "retried", job.id, running_s, job.timeout, self.hang_grace_s)
+        try:
+            self.runtime.queue.record_hang(job.id, self.live_name or self.name, running_s)
+            if self.live_name is not None:
+                self.runtime.queue.forget_worker(self.live_name)
+        except RedisError as exc:
+            logger.warning("could not record the hang of job %s: %s", job.id, exc)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def beat_once(self) -> None:
         """Liveness, model announcement, reaping and due write-back retries: one pass."""
@@ -260,6 +332,29 @@ class OspreyWorker(SimpleWorker):
                 redis_down = True
             except Exception:
                 logger.exception("reaper pass failed")
+
+
+def _native_hang_hook() -> Callable[[Job], None] | None:
+    """The test-only native hang (module docstring): None unless OSPREY_TEST_NATIVE_HANG_TASK is set."""
+    task = os.environ.get(TEST_HANG_TASK_ENV, "").strip()
+    if not task:
+        return None
+    seconds = int(float(os.environ.get("OSPREY_TEST_NATIVE_HANG_S", "3600") or 3600))
+    hold_gil = os.environ.get("OSPREY_TEST_NATIVE_HANG_GIL", "") == "1"
+    libc = ctypes.PyDLL(None) if hold_gil else ctypes.CDLL(None)
+    logger.warning("%s=%s: jobs of that task hang in native code (test hook)", TEST_HANG_TASK_ENV, task)
+
+    def hang(job: Job) -> None:
+        payload = job.args[0] if job.args else {}
+        if str((payload or {}).get("task_id")) != task:
+            return
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})  # what RQ's timeout uses
+        try:
+            libc.sleep(seconds)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
+
+    return hang
 
 
 def run_worker(settings: Any, burst: bool = False, name: str | None = None,
