@@ -121,6 +121,13 @@ class Settings(BaseSettings):
     osprey_max_connections: int = Field(
         1024, description="HTTP: open connections served at once; beyond it requests get 503."
     )
+    osprey_autolabel: bool = Field(
+        True, description="Auto-label batch tasks without regions (proposals -> labels); per project: extra_params.autolabel."
+    )
+    osprey_autolabel_max_regions: int = Field(32, description="Most proposed regions per auto-labeled image.")
+    osprey_label_mode: str = Field(
+        "suggest", description="Interactive: suggest (the model's label) or keep (the annotator's); extra_params.label_mode."
+    )
     osprey_regions_from: str = Field(
         "annotations", description="Batch regions source: annotations, predictions or both (annotations first)."
     )
