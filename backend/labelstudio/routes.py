@@ -19,12 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backend.auth import auth_dependency, webhook_dependency
 from backend.errors import INPUT_ERRORS
+from backend.labelstudio.autolabel import autolabel_plan
+from backend.labelstudio.autolabel import why_not as autolabel_why_not
 from backend.labelstudio.config import PredictionPlan, parse_extra_params, parse_label_config
 from backend.labelstudio.regions import parse_context, select_regions, task_image_url
 from backend.labelstudio.results import prediction_from_output
 from backend.labelstudio.sync import enqueue_for_event
 from backend.labelstudio.webhook_setup import ensure_webhook_secret
 from backend.queue.jobs import BATCH, INTERACTIVE, JobQueue, JobSpec, canonical_json
+from backend.service.autolabel import AutolabelOptions
 from backend.state import AppState
 from training.schedule import training_status
 
@@ -130,6 +133,7 @@ class LabelStudioBackend:
         self._lock = threading.Lock()
         self._plans: OrderedDict[str, PredictionPlan] = OrderedDict()
         self._project_configs: OrderedDict[str, str] = OrderedDict()
+        self.extra_params: dict[str, dict[str, Any]] = {}  # per project, from /setup (autolabel, label_mode)
 
     @property
     def writeback_enabled(self) -> bool:
@@ -179,7 +183,7 @@ class LabelStudioBackend:
         model_version = self.state.model_version()
         if isinstance(context, dict) and "result" in context:
             return self.interactive(body.tasks, context, plan, model_version)
-        return self.batch(body.tasks, plan, model_version)
+        return self.batch(body.tasks, plan, model_version, project=body.project)
 
     def interactive(self, tasks: list[Any], context: dict, plan: PredictionPlan, model_version: str) -> dict:
         if len(tasks) != 1:
@@ -217,7 +221,7 @@ class LabelStudioBackend:
                                 headers={"Retry-After": str(retry_after)} if retry_after else None)
         return {"results": [prediction_from_output(output)]}
 
-    def batch(self, tasks: list[Any], plan: PredictionPlan, model_version: str) -> dict:
+    def batch(self, tasks: list[Any], plan: PredictionPlan, model_version: str, project: Any = None) -> dict:
         started = time.monotonic()
         budget = self.settings.osprey_batch_budget_s
         task_ids = [_task_id(task, i) for i, task in enumerate(tasks)]
@@ -235,10 +239,17 @@ class LabelStudioBackend:
                 entries[i] = _placeholder(model_version, "error", str(exc))
                 continue
             if not regions:
+                # Region-less tasks are auto-labeled by the worker (backend/labelstudio/autolabel.py).
+                extra = self.extra_params.get(str(project)) if project is not None else None
+                auto = autolabel_plan(plan, neutral_plan, self.settings, extra)
+                if auto is not None:
+                    specs[i] = JobSpec(BATCH, task_ids[i], image_url, [], auto, model_version, queue.keys.prefix)
+                    continue
                 entries[i] = _placeholder(
                     model_version, "no_regions",
                     f"task {task_ids[i]} has no regions to label (OSPREY_REGIONS_FROM="
-                    f"{self.settings.osprey_regions_from}); draw or import regions first")
+                    f"{self.settings.osprey_regions_from}) and is not auto-labeled: "
+                    f"{autolabel_why_not(plan, self.settings, extra)}")
                 continue
             specs[i] = JobSpec(BATCH, task_ids[i], image_url, [r.to_dict() for r in regions], neutral_plan,
                                model_version, queue.keys.prefix)
@@ -319,7 +330,13 @@ def create_router(state: AppState) -> APIRouter:
     @router.post("/setup", dependencies=[Depends(require_auth)])
     def setup(body: SetupRequest) -> dict[str, Any]:
         backend.plan_for(body.schema_, body.project)
-        _parse_extra_params(body.extra_params)
+        extra = _parse_extra_params(body.extra_params)
+        if body.project is not None:
+            try:
+                AutolabelOptions.from_settings(settings, extra)
+            except INPUT_ERRORS as exc:
+                raise HTTPException(422, str(exc)) from exc
+            backend.extra_params[str(body.project)] = extra
         ensure_webhook_secret(settings, body.project)  # background, once per project (learning loop)
         return {"model_version": state.model_version(wait_s=settings.osprey_setup_wait_s)}
 

@@ -1,0 +1,112 @@
+"""End to end: "Retrieve Predictions" on tasks nobody drew on, against a real Label Studio 1.23.2 (prediction
+validation on) and our real server + worker (tiny model, classical proposer).
+
+Before auto-labeling, such tasks got a placeholder that Label Studio logged as an error while reporting
+them "retrieved". Now every region-less task must end with exactly one stored, validated prediction of
+brush regions with scores, and Label Studio's log must show no prediction error for them. Per project,
+`extra_params: {"autolabel": false}` at /setup turns it off again (the task then gets a placeholder that
+says why; posted to our backend directly, as Label Studio posts /setup).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from label_studio_sdk.converter.brush import decode_rle
+from label_studio_sdk.label_interface import LabelInterface
+from PIL import Image
+
+from tests.backend.conftest import Stack
+from tests.e2e.conftest import LabelStudio, start_stack
+
+CONFIG = (Path(__file__).resolve().parents[2] / "deploy" / "labelstudio" / "brush_attributes.xml").read_text()
+SIZES = [(96, 72), (80, 64), (64, 64)]
+
+
+def shapes_png(path: Path, size: tuple[int, int], seed: int) -> int:
+    """Flat blocks on grey (a different layout per task); returns how many objects were drawn."""
+    w, h = size
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w, 3), 190, np.uint8)
+    colours = [(220, 30, 30), (30, 70, 220), (30, 160, 50)][: 2 + seed % 2]
+    for k, colour in enumerate(colours):
+        x = int(rng.integers(2, w // 2 - 14)) + (k % 2) * (w // 2)
+        y = int(rng.integers(2, h // 3 - 12)) + k * (h // 3)
+        img[y:y + 14, x:x + 14] = colour
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+    return len(colours)
+
+
+def log_errors(ls: LabelStudio, start: int) -> list[str]:
+    text = ls.log.read_text(errors="replace")[start:]
+    return [line for line in text.splitlines() if "ERROR" in line or "Traceback" in line]
+
+
+@pytest.fixture(scope="module")
+def backend(label_studio: LabelStudio, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    stack = start_stack(tmp_path_factory.mktemp("autolabel-backend"), label_studio)
+    yield stack
+    stack.close()
+
+
+def project_with_images(ls: LabelStudio, stack: Stack, workdir: Path, slug: str) -> tuple[int, dict[int, int]]:
+    pid = ls.create_project(f"osprey autolabel {slug}", CONFIG)
+    objects = {}
+    for seed, size in enumerate(SIZES):
+        path = workdir / f"{slug}-{seed}.png"
+        n = shapes_png(path, size, seed)
+        ls.upload_image(pid, path)
+        objects[path.name] = n
+    ls.connect_backend(pid, stack.base_url)
+    counts = {}
+    for task in ls.tasks(pid):
+        name = next(k for k in objects if task["data"]["image"].endswith(k))
+        counts[task["id"]] = objects[name]
+    return pid, counts
+
+
+def test_region_less_tasks_get_one_validated_prediction_each(label_studio: LabelStudio, backend: Stack,
+                                                             tmp_path: Path) -> None:
+    ls = label_studio
+    pid, objects = project_with_images(ls, backend, tmp_path, "on")
+    assert len(objects) == 3
+    start = len(ls.log.read_text(errors="replace"))
+    answer = ls.retrieve_predictions(pid)
+    assert answer["processed_items"] == 3, answer
+    interface = LabelInterface(CONFIG)
+    labels = {"cat", "dog", "car", "tree", "person"}
+    version = backend.model_version()
+    for task_id, n in objects.items():
+        predictions = ls.predictions(task_id)
+        assert len(predictions) == 1, predictions
+        prediction = predictions[0]
+        assert prediction["model_version"] == version
+        errors = interface.validate_prediction(prediction, return_errors=True)
+        assert not errors, errors
+        regions = [r for r in prediction["result"] if r["type"] == "brushlabels"]
+        assert len(regions) == n  # one brush region per object on the image
+        for r in regions:
+            w, h = r["original_width"], r["original_height"]
+            mask = decode_rle(r["value"]["rle"]).reshape(h, w, 4)[:, :, 3] > 0
+            assert 100 <= mask.sum() <= 14 * 14 + 30  # the drawn 14x14 block, not the background
+            assert r["value"]["brushlabels"][0] in labels and 0.0 < r["score"] <= 1.0
+            per_region = {i["from_name"] for i in prediction["result"] if i["id"] == r["id"]}
+            assert per_region == {"category", "color", "size", "caption", "detailed_description"}
+        assert prediction["score"] is not None
+    assert log_errors(ls, start) == []
+
+
+def test_autolabel_off_per_project(label_studio: LabelStudio, backend: Stack, tmp_path: Path) -> None:
+    ls = label_studio
+    pid, objects = project_with_images(ls, backend, tmp_path, "off")
+    body = {"tasks": [{"id": t, "data": {"image": "/data/upload/none.png"}} for t in objects],
+            "project": f"{pid}.0", "label_config": CONFIG, "params": {}}
+    backend.post("/setup", {"project": f"{pid}.0", "schema": CONFIG, "extra_params": json.dumps({"autolabel": False})})
+    results = backend.post("/predict", body).json()["results"]
+    assert [r["osprey_status"] for r in results] == ["no_regions"] * 3
+    assert "auto-labeling is off" in results[0]["message"]
