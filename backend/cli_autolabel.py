@@ -42,8 +42,8 @@ def register(sub: Any) -> None:
     p = sub.add_parser("autolabel", help="propose, classify and describe every object of images -> COCO JSON")
     p.add_argument("images", nargs="*", help="image files or folders (searched recursively)")
     p.add_argument("--out", help="COCO JSON to write (required unless --labelstudio-project)")
-    p.add_argument("--labels", required=True,
-                   help="categories: comma-separated, or @file with one label per line")
+    p.add_argument("--labels", help="categories: comma-separated, or @file with one label per line (required "
+                                    "unless --labelstudio-project, whose labeling config says what to predict)")
     p.add_argument("--attribute", action="append", default=[], metavar="NAME=V1,V2",
                    help="an attribute and its values (repeatable)")
     p.add_argument("--describe", choices=("none", "short", "detailed", "both"), default="short",
@@ -228,9 +228,14 @@ def run_autolabel(args: argparse.Namespace, settings: Any, engine: Any = None, p
                   out_stream: Any = None) -> int:
     """The command; `engine` / `proposer` may be given (tests, benches)."""
     err = out_stream or sys.stderr
-    labels = parse_labels(args.labels)
-    plan = build_plan(labels, [parse_attribute(a) for a in args.attribute], args.describe)
     options = AutolabelOptions(max_regions=args.max_regions, min_area=args.min_area)
+    if args.labelstudio_project is None:
+        if not args.labels:
+            raise AutolabelError("--labels is required (or --labelstudio-project)")
+        labels = parse_labels(args.labels)
+        plan = build_plan(labels, [parse_attribute(a) for a in args.attribute], args.describe)
+        if not args.out:
+            raise AutolabelError("--out is required (or --labelstudio-project)")
     if engine is None:
         from osprey_core import load_engine
 
@@ -247,8 +252,6 @@ def run_autolabel(args: argparse.Namespace, settings: Any, engine: Any = None, p
         from backend.cli_labelstudio_autolabel import autolabel_project
 
         return autolabel_project(args, settings, engine, proposer, options, err)
-    if not args.out:
-        raise AutolabelError("--out is required (or --labelstudio-project)")
     paths = find_images(args.images)
     if not paths:
         raise AutolabelError("no images given (files or folders of .png/.jpg/...)")
