@@ -150,6 +150,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", type=int, required=True, help="Label Studio project id")
     p.add_argument("--enqueue", action="store_true", help="queue the sync for a training worker instead")
     sub.add_parser("predict", help="offline prediction with the core (see `osprey predict --help`)", add_help=False)
+    from backend import cli_autolabel
+    from backend.cvat import relabel
+
+    cli_autolabel.register(sub)  # osprey autolabel IMAGES... --out coco.json
+    relabel.register(sub)  # osprey cvat relabel --task/--job ID [--dry-run]
     return parser
 
 
@@ -192,6 +197,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             from backend.labelstudio.sync import sync_cli
 
             return sync_cli(settings, args.project, enqueue=args.enqueue)
+        elif args.command == "autolabel":
+            from backend.cli_autolabel import run_autolabel
+            from backend.errors import INPUT_ERRORS
+
+            try:
+                return run_autolabel(args, settings)
+            except INPUT_ERRORS as exc:
+                print(f"osprey autolabel: {exc}", file=sys.stderr)
+                return 2
+        elif args.command == "cvat":
+            from backend.cvat.relabel import run as relabel_run
+            from backend.errors import INPUT_ERRORS
+
+            try:
+                return relabel_run(args, settings)
+            except INPUT_ERRORS as exc:
+                print(f"osprey cvat relabel: {exc}", file=sys.stderr)
+                return 2
         elif args.command == "run":
             run_all(settings)
     except KeyboardInterrupt:  # Ctrl-C after a clean shutdown (uvicorn re-raises it), or during start-up
