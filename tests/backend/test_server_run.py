@@ -63,8 +63,8 @@ def test_osprey_run_serves_with_embedded_redis_and_stops_cleanly(tmp_path, paylo
         assert prediction["model_version"] == version
         assert {i["id"] for i in prediction["result"]} == {"run1"}
 
-        spawned = children_of(run.pid)  # the worker and the embedded redis-server
-        assert len(spawned) == 2
+        spawned = children_of(run.pid)  # the prediction worker, the training worker and the embedded redis-server
+        assert len(spawned) == 3
         run.send_signal(stop_signal)
         assert run.wait(timeout=60) == 0
         assert not [pid for pid in spawned if alive(pid)], "orphan processes left behind"
@@ -108,13 +108,14 @@ def _run_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def _worker_pids(run_pid: int) -> set[int]:
+    """The prediction worker(s) among `osprey run`'s children (not the training worker, not Redis)."""
     found = set()
     for pid in children_of(run_pid):
         try:
             cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"backend.cli\x00worker" in cmdline:
+        if b"backend.cli\x00worker" in cmdline and b"interactive" in cmdline:
             found.add(pid)
     return found
 
