@@ -8,7 +8,9 @@ whatever the number of worker machines.
 - ``osprey_jobs_total{queue,outcome}``: enqueued, deduplicated (same work already queued or done),
   ok, error, timeout, handed_off (batch work left to write-back)
 - ``osprey_job_duration_seconds{queue}``: compute time reported by the worker for each job output
-- ``osprey_queue_depth{queue}``, ``osprey_jobs_running{queue}``, ``osprey_workers``
+- ``osprey_queue_depth{queue}``, ``osprey_jobs_running{queue}``, ``osprey_workers`` (registered with RQ)
+- ``osprey_live_workers``: prediction workers with a live heartbeat (0 means /health is DOWN)
+- ``osprey_waiting_requests``: requests of this process waiting for a job (admission limit OSPREY_MAX_WAITING)
 - ``osprey_worker_events_total{event}``: jobs_ok, jobs_rejected, jobs_failed, jobs_recovered,
   writeback_created, writeback_exists, writeback_already_written, writeback_undeliverable
 """
@@ -53,10 +55,14 @@ class QueueCollector(Collector):
             running.add_metric([queue], value)
         workers = GaugeMetricFamily("osprey_workers", "Workers registered on the queues")
         workers.add_metric([], snap["workers"])
+        live = GaugeMetricFamily("osprey_live_workers", "Prediction workers with a live heartbeat")
+        live.add_metric([], snap.get("live_workers", 0))
+        waiting = GaugeMetricFamily("osprey_waiting_requests", "Requests of this process waiting for a job")
+        waiting.add_metric([], snap.get("waiting", 0))
         events = CounterMetricFamily("osprey_worker_events", "Events counted by workers", labels=["event"])
         for event, value in sorted(snap["events"].items()):
             events.add_metric([event], value)
-        yield from (depth, running, workers, events)
+        yield from (depth, running, workers, live, waiting, events)
 
 
 class Metrics:
