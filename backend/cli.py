@@ -150,6 +150,16 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", type=int, required=True, help="Label Studio project id")
     p.add_argument("--enqueue", action="store_true", help="queue the sync for a training worker instead")
     sub.add_parser("predict", help="offline prediction with the core (see `osprey predict --help`)", add_help=False)
+    sub.add_parser("download", help="fetch the official Osprey weights, CLIP and SAM into MODEL_DIR "
+                                    "(see `osprey download --help`)", add_help=False)
+    p = sub.add_parser("demo", help="Label Studio + the backend + a ready demo project (`make demo`)")
+    p.add_argument("--ls-port", type=int, default=8080, help="Label Studio port (default 8080)")
+    p.add_argument("--port", type=int, default=9090, help="backend port (default 9090)")
+    p.add_argument("--images", type=int, default=12, help="demo images to import (default 12)")
+    p.add_argument("--screenshots", metavar="DIR", help="take the README screenshots into DIR, then stop")
+    from training.models_cli import register_models_cli
+
+    register_models_cli(sub)  # osprey models list|show|promote|rollback
     from backend import cli_autolabel
     from backend.cvat import relabel
 
@@ -164,6 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from osprey_core.cli import predict_main  # lazy: the core (torch) only for this command
 
         return int(predict_main(args_list[1:]) or 0)
+    if args_list and args_list[0] == "download":
+        from osprey_core.download import download_main
+
+        return int(download_main(args_list[1:]) or 0)
 
     args = _build_parser().parse_args(args_list)
     settings = get_settings()
@@ -217,6 +231,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
         elif args.command == "run":
             run_all(settings)
+        elif args.command == "models":
+            return int(args.func(args) or 0)
+        elif args.command == "demo":
+            if args.screenshots:
+                from backend.screenshots import take_screenshots
+
+                return take_screenshots(settings, args.screenshots, ls_port=args.ls_port, backend_port=args.port,
+                                        images=args.images)
+            from backend.demo import run_demo
+
+            return run_demo(settings, ls_port=args.ls_port, backend_port=args.port, images=args.images)
     except KeyboardInterrupt:  # Ctrl-C after a clean shutdown (uvicorn re-raises it), or during start-up
         return 130
     return 0
