@@ -3,8 +3,8 @@
 When an ML backend is connected, Label Studio 1.23 creates a project webhook to `<backend url>/webhook`
 without credentials (protocol notes §2.8, §6); our /webhook answers it 401 until someone edits it by hand,
 and the events of that time are lost (a sync repairs the store later, but no event triggers it). On /setup
-(`ensure_webhook_secret`, run once per project and process, in the background: /setup must answer within
-Label Studio's 3 s) we look the webhook up through the API with LABEL_STUDIO_API_KEY and add the
+(`ensure_webhook_secret`, in the background: /setup must answer within Label Studio's 3 s; once per project
+and process after it succeeded, again at the next /setup while the webhook does not exist yet) we look the webhook up through the API with LABEL_STUDIO_API_KEY and add the
 X-Osprey-Webhook-Secret header. Without an API key or a secret we log what the user must do instead.
 """
 
@@ -85,8 +85,12 @@ def ensure_webhook_secret(settings: Any, project: Any, background: bool = True) 
     def work() -> None:
         try:
             with LabelStudioClient.from_settings(settings) as client:
-                for line in configure_webhook(client, pid, secret):
-                    logger.info("project %s: %s", pid, line)
+                lines = configure_webhook(client, pid, secret)
+            for line in lines:
+                logger.info("project %s: %s", pid, line)
+            if lines[0].startswith("no webhook"):  # Label Studio creates it after the first /setup
+                with _lock:
+                    _done.discard(key)
         except (LabelStudioError, ValueError, OSError) as exc:
             with _lock:
                 _done.discard(key)  # try again at the next /setup
