@@ -134,7 +134,8 @@ class Settings(BaseSettings):
 
     # --- media ------------------------------------------------------------------------------------------
     osprey_allowed_hosts: str = Field(
-        "", description="Comma-separated hosts from which http(s) media may be fetched (LABEL_STUDIO_URL's host always)."
+        "", description="Comma-separated `host` or `host:port` from which http(s) media may be fetched without credentials "
+        "(LABEL_STUDIO_URL itself: exactly its scheme, host and port, /data/upload/ and /data/local-files/ only)."
     )
     osprey_media_origins: str = Field(
         "backend.labelstudio.client.media_origins",
