@@ -345,3 +345,37 @@ def delete_annotations_job(payload: dict[str, Any]) -> dict[str, Any]:
     rt = runtime()
     removed = sum(rt.store.delete_annotation(payload["project"], a) for a in payload["annotations"])
     return {"project": payload["project"], "deleted": removed}
+
+
+def periodic_jobs(settings: Any) -> dict[str, int]:
+    """What the schedule runs for Label Studio: the full sync that repairs missed webhooks."""
+    from training.schedule import TrainingSettings
+
+    if not settings.label_studio_url or settings.label_studio_api_key is None:
+        return {}
+    return {SYNC_ALL_JOB: TrainingSettings().osprey_sync_period_s}
+
+
+def sync_cli(settings: Any, project: int, enqueue: bool = False) -> int:
+    """`osprey sync --project ID`: sync now (or queue it) and print what changed."""
+    import json
+    import sys
+
+    if not settings.label_studio_url or settings.label_studio_api_key is None:
+        print("osprey sync: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", file=sys.stderr)
+        return 2
+    rt = runtime()
+    if enqueue:
+        from training.schedule import enqueue_sync
+
+        job_id, fresh = enqueue_sync(rt.connection, settings.osprey_redis_prefix, SYNC_PROJECT_JOB, project)
+        print(json.dumps({"job": job_id, "enqueued": fresh}))
+        return 0
+    try:
+        out = rt.sync().sync_project(project)
+    except (LabelStudioError, InputError) as exc:
+        print(f"osprey sync: {exc}", file=sys.stderr)
+        return 1
+    out["training_job"] = _after_sync(rt, str(project))
+    print(json.dumps(out))
+    return 0
