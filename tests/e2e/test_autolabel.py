@@ -110,3 +110,34 @@ def test_autolabel_off_per_project(label_studio: LabelStudio, backend: Stack, tm
     results = backend.post("/predict", body).json()["results"]
     assert [r["osprey_status"] for r in results] == ["no_regions"] * 3
     assert "auto-labeling is off" in results[0]["message"]
+
+
+def test_cli_writes_predictions_into_a_project_and_resumes(label_studio: LabelStudio, tmp_path: Path) -> None:
+    """`osprey autolabel --labelstudio-project ID`: one validated prediction per task; a rerun skips them."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.backend.conftest import LS_TOKEN
+
+    ls = label_studio
+    pid = ls.create_project("osprey autolabel cli", CONFIG)
+    for seed, size in enumerate(SIZES[:2]):
+        path = tmp_path / f"cli-{seed}.png"
+        shapes_png(path, size, seed)
+        ls.upload_image(pid, path)
+    env = {**os.environ, "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": LS_TOKEN, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    cmd = [sys.executable, "-m", "backend.cli_autolabel", "--labelstudio-project", str(pid), "--model", "tiny",
+           "--max-new-tokens", "3", "--no-progress"]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "2 task(s) predicted" in first.stderr
+    interface = LabelInterface(CONFIG)
+    for task in ls.tasks(pid):
+        [prediction] = ls.predictions(task["id"])
+        assert not interface.validate_prediction(prediction, return_errors=True)
+        assert [r for r in prediction["result"] if r["type"] == "brushlabels" and r["score"] > 0]
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "0 task(s) predicted, 2 skipped" in again.stderr, again.stderr[-3000:]
+    assert all(len(ls.predictions(t["id"])) == 1 for t in ls.tasks(pid))
