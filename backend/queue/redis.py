@@ -26,6 +26,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from backend.queue.jobs import QueueBusy
 from backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,30 @@ def redis_url(settings: Settings) -> str:
     return f"unix://{socket_path(settings.model_dir)}?db=0"
 
 
+class PoolExhausted(QueueBusy, redis.ConnectionError):
+    """Every connection of this process's pool stayed busy for the pool timeout (Redis itself may be fine):
+    answered 503 with Retry-After and this reason (the QueueBusy handler), not "Redis unavailable"."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after_s=2)
+        self.status_code = 503  # after redis-py's RedisError.__init__, which sets its own
+
+
+class _BoundedPool(redis.BlockingConnectionPool):
+    """A blocking pool whose exhaustion says what happened instead of redis-py's "No connection available"."""
+
+    def get_connection(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return super().get_connection(*args, **kwargs)
+        except redis.ConnectionError as exc:
+            if str(exc) != "No connection available.":
+                raise
+            raise PoolExhausted(
+                f"all {self.max_connections} Redis connections of this process stayed busy for {self.timeout:g} s "
+                "(OSPREY_REDIS_MAX_CONNECTIONS, OSPREY_REDIS_POOL_TIMEOUT_S): the server is overloaded, not Redis"
+            ) from exc
+
+
 def connect(url: str, *, socket_timeout: float | None = 10.0, connect_timeout: float = 2.0,
             max_connections: int = 64, pool_timeout_s: float = 10.0) -> redis.Redis:
     """A client for `url`, checked with a ping; raises QueueUnavailable when Redis does not answer.
@@ -72,7 +97,7 @@ def connect(url: str, *, socket_timeout: float | None = 10.0, connect_timeout: f
     (`max_connections`) and *blocking*: under a burst, a caller waits up to `pool_timeout_s` for a
     free connection instead of failing at once (redis-py's default pool raises "Too many connections").
     """
-    pool = redis.BlockingConnectionPool.from_url(
+    pool = _BoundedPool.from_url(
         url, max_connections=max_connections, timeout=pool_timeout_s, socket_timeout=socket_timeout,
         socket_connect_timeout=connect_timeout)
     client = redis.Redis(connection_pool=pool)

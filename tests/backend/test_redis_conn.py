@@ -127,3 +127,28 @@ def test_connect_client_reports_errors_as_redis_errors_after_server_stops(tmp_pa
         client = connect(embedded.url)
     with pytest.raises(redis.ConnectionError):
         client.ping()
+
+
+def test_an_exhausted_pool_waits_then_says_so_instead_of_blaming_redis() -> None:
+    """A bounded, blocking pool: a caller queues for a free connection; if none frees up in time the error
+    is a QueueBusy (answered 503 with Retry-After) naming the limit, not "Redis unavailable"."""
+    import threading
+
+    import redis as redis_lib
+
+    from backend.queue.jobs import QueueBusy
+    from backend.queue.redis import PoolExhausted
+
+    client = connect("redis://127.0.0.1:6379/0", max_connections=1, pool_timeout_s=0.3)
+    held = client.connection_pool.get_connection()
+    try:
+        with pytest.raises(PoolExhausted) as info:
+            client.ping()
+        assert isinstance(info.value, QueueBusy) and isinstance(info.value, redis_lib.ConnectionError)
+        assert info.value.status_code == 503 and "OSPREY_REDIS_MAX_CONNECTIONS" in str(info.value)
+        timer = threading.Timer(0.1, client.connection_pool.release, args=(held,))
+        timer.start()
+        assert client.ping()  # a connection freed while waiting: the caller got it, no error
+        timer.join()
+    finally:
+        client.close()
