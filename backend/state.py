@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from backend.auth import redact
 from backend.metrics import Metrics
 from backend.queue.jobs import JobQueue
-from backend.queue.redis import QueueUnavailable, connect, redis_url
+from backend.queue.redis import QueueUnavailable, connect_for, redis_url
 from backend.settings import Settings
 
 
@@ -36,7 +36,7 @@ class AppState:
         if self._queue is None:
             with self._lock:
                 if self._queue is None:
-                    self._queue = JobQueue(connect(self.url), self.settings)
+                    self._queue = JobQueue(connect_for(self.settings), self.settings)
         return self._queue
 
     def _snapshot(self) -> dict[str, Any] | None:
