@@ -381,7 +381,9 @@ def run_training_worker(settings: Any, burst: bool = False, name: str | None = N
     stop = None
     if schedule:
         _, stop = start_schedule_thread(connection, settings.osprey_redis_prefix, periodic)
-    worker = Worker([queue], connection=connection, serializer=JSONSerializer,
+    # worker_ttl 20 s -> RQ's blocking dequeue waits 5 s, well inside the connection's 10 s socket timeout
+    # (RQ's default 405 s wait would time the socket out and log "could not connect" every few seconds).
+    worker = Worker([queue], connection=connection, serializer=JSONSerializer, worker_ttl=20,
                     name=name or f"osprey-training-{socket.gethostname()}-{os.getpid()}")
     try:
         worker.work(burst=burst, logging_level=settings.log_level.upper(), with_scheduler=False)
