@@ -27,7 +27,7 @@ from backend.labelstudio.results import prediction_from_output
 from backend.labelstudio.sync import enqueue_for_event
 from backend.labelstudio.webhook_setup import ensure_webhook_secret
 from backend.queue.jobs import BATCH, INTERACTIVE, JobQueue, JobSpec, canonical_json
-from backend.service.autolabel import AutolabelOptions
+from backend.service.autolabel import AutolabelOptions, label_mode
 from backend.state import AppState
 from training.schedule import training_status
 
@@ -182,10 +182,11 @@ class LabelStudioBackend:
             raise HTTPException(422, f"params.context must be an object or null, got {type(context).__name__}")
         model_version = self.state.model_version()
         if isinstance(context, dict) and "result" in context:
-            return self.interactive(body.tasks, context, plan, model_version)
+            return self.interactive(body.tasks, context, plan, model_version, project=body.project)
         return self.batch(body.tasks, plan, model_version, project=body.project)
 
-    def interactive(self, tasks: list[Any], context: dict, plan: PredictionPlan, model_version: str) -> dict:
+    def interactive(self, tasks: list[Any], context: dict, plan: PredictionPlan, model_version: str,
+                    project: Any = None) -> dict:
         if len(tasks) != 1:
             raise HTTPException(422, f"an interactive request (params.context.result) carries exactly one task, "
                                      f"got {len(tasks)}")
@@ -200,7 +201,11 @@ class LabelStudioBackend:
             # Label Studio wants one entry; an interactive answer is shown, never stored.
             return {"results": [{"result": [], "score": None, "model_version": model_version}]}
         queue = self.queue()
-        spec = JobSpec(INTERACTIVE, task_id, image_url, [r.to_dict() for r in regions], plan.to_plan().to_dict(),
+        job_plan = plan.to_plan().to_dict()
+        extra = self.extra_params.get(str(project)) if project is not None else None
+        if label_mode(self.settings, extra) == "keep":  # keep the annotator's label (backend/service/autolabel.py)
+            job_plan["label_mode"] = "keep"
+        spec = JobSpec(INTERACTIVE, task_id, image_url, [r.to_dict() for r in regions], job_plan,
                        model_version, queue.keys.prefix)
         fresh = self._submit(queue, spec)
         output = queue.wait([spec.job_id], self.settings.osprey_interactive_timeout_s,
@@ -334,6 +339,7 @@ def create_router(state: AppState) -> APIRouter:
         if body.project is not None:
             try:
                 AutolabelOptions.from_settings(settings, extra)
+                label_mode(settings, extra)
             except INPUT_ERRORS as exc:
                 raise HTTPException(422, str(exc)) from exc
             backend.extra_params[str(body.project)] = extra

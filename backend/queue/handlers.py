@@ -74,13 +74,24 @@ def predict_job(payload: dict) -> dict:
 
             specs = worker_specs(rt, image, plan, payload["plan"]["autolabel"])
             regions = [s.to_dict() for s in specs]
-        answers = predict_regions(rt.engine, image, plan, specs, refiner=rt.refiner)
+        disagreements: list[dict] = []
+        if payload["plan"].get("label_mode") == "keep":  # the annotator's label stays (backend/service/autolabel.py)
+            from dataclasses import asdict
+
+            from backend.service.autolabel import predict_keep
+
+            answers, kept = predict_keep(rt.engine, image, plan, specs, refiner=rt.refiner)
+            disagreements = [asdict(d) for d in kept]
+        else:
+            answers = predict_regions(rt.engine, image, plan, specs, refiner=rt.refiner)
     except INPUT_ERRORS as exc:  # the project's own bad-input errors only: anything else is a bug, retried
         output = error_output(input_status(exc), str(exc), worker=rt.name)
     else:
         output = {"ok": True, "answers": [a.to_dict() for a in answers], "regions": regions,
                   "plan": payload["plan"], "model_version": rt.engine.model_version,
                   "elapsed_s": time.perf_counter() - started, "worker": rt.name}
+        if disagreements:
+            output["disagreements"] = disagreements
 
     handed_off = queue.finish(payload, output)
     return {"ok": output["ok"], "handed_off": handed_off}
