@@ -317,11 +317,12 @@ class JobQueue:
         return self.queues[WRITEBACK]
 
     def ordered_queues(self, names: Sequence[str] = (INTERACTIVE, BATCH, WRITEBACK)) -> list[Queue]:
-        """The queues a worker serves, in the order it serves them: interactive first."""
+        """The queues a worker serves, in the order it serves them: interactive first, then deliveries (one
+        quick HTTP call each, so finished batch tasks reach the tool while a long batch runs), then batch."""
         unknown = [n for n in names if n not in self.queues]
         if unknown:
             raise InputError(f"unknown queue(s) {', '.join(unknown)}; choose from {', '.join(ALL_QUEUES)}")
-        return [self.queues[n] for n in ALL_QUEUES if n in names]
+        return [self.queues[n] for n in (INTERACTIVE, WRITEBACK, BATCH) if n in names]
 
     # ---- web side -------------------------------------------------------------------------------
 
