@@ -150,6 +150,10 @@ def load_model(
     from . import checkpoint
 
     path = checkpoint.resolve_source(source)
+    from . import adapters
+
+    if adapters.is_adapter_dir(path):  # a LoRA version: its base with the adapter merged in
+        return adapters.load_adapter(path, device=device, dtype=dtype, vision_tower_file=vision_tower_file)
     cfg = read_config(path)
     with torch.device("meta"):
         model = OspreyForCausalLM(cfg)
