@@ -126,6 +126,11 @@ def start_demo(settings: Settings, *, ls_port: int = 8080, backend_port: int = 9
                                  json={"schema": CONFIG.read_text()}).status_code == 200, 900,
               "a worker with the model loaded")
         demo.project = ls.create_project("Osprey demo: shapes", CONFIG.read_text())
+        # Label Studio serves /data/local-files/ only from a Local Files storage of the project; it is
+        # not synced (that would add every image again, without its regions).
+        ls.call("POST", "/api/storages/localfiles", json={
+            "project": demo.project, "path": str(ls.files_root / "shapes" / "images"), "use_blob_urls": True,
+            "regex_filter": r".*\.png", "title": "demo images"})
         ls.call("POST", f"/api/projects/{demo.project}/import", json=tasks)
         ls.connect_backend(demo.project, backend_url)
         for hook in ls.webhooks(demo.project):

@@ -160,6 +160,8 @@ def label_studio_env(data_dir: Path, files_root: Path, token: str) -> dict[str, 
         "LOCAL_FILES_SERVING_ENABLED": "true",
         "LOCAL_FILES_DOCUMENT_ROOT": str(files_root),
         "COLLECT_ANALYTICS": "false",
+        "SENTRY_DSN": "",  # Label Studio reports errors to sentry.io by default: nothing leaves this machine
+        "FRONTEND_SENTRY_DSN": "",
         "LATEST_VERSION_CHECK": "false",
         # Reject predictions whose from_name/to_name/labels/fields do not match the labeling config.
         "fflag_feat_utc_210_prediction_validation_15082025": "true",
