@@ -261,6 +261,8 @@ def test_many_waiters_share_one_listener_instead_of_a_connection_each(helpers):
     q = JobQueue(connection, settings)
     publisher = JobQueue(redis.Redis.from_url("redis://127.0.0.1:6379/0"), settings)
     specs = [spec(q, task_id=i) for i in range(120)]
+    for s in specs:
+        q.submit(s)  # queued (no worker): a waiter must wait, not report a vanished job
     results: dict[str, dict] = {}
     errors: list[BaseException] = []
     started = threading.Barrier(len(specs) + 1)
@@ -284,6 +286,7 @@ def test_many_waiters_share_one_listener_instead_of_a_connection_each(helpers):
             t.join(timeout=60)
         assert errors == []
         assert set(results) == {s.job_id for s in specs}
+        assert all(output["ok"] for output in results.values())
         assert len(q.listener()) == 0  # waiters unregistered
     finally:
         helpers.purge_prefix(publisher.connection, settings.osprey_redis_prefix)
