@@ -162,3 +162,17 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Process-wide settings; tests build their own `Settings(...)` instead."""
     return Settings()
+
+
+def markdown_table() -> str:
+    """The configuration table of docs/configuration.md, from the fields above (tests/test_docs.py)."""
+    rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "unset" if default is None else ("(empty)" if default == "" else str(default))
+        rows.append(f"| `{name.upper()}` | {shown} | {field.description or ''} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m backend.settings --markdown
+    print(markdown_table())
