@@ -46,6 +46,7 @@ class Child:
     exit_codes: list[int] = field(default_factory=list)
     seen_live: bool = False  # it has beaten since its start (a model load before the first beat is not a hang)
     hang_kills: int = 0
+    next_liveness_check: float = 0.0
 
 
 class Supervisor:
@@ -63,7 +64,6 @@ class Supervisor:
         self.fast_crash_s = fast_crash_s
         self.stale_after_s = stale_after_s
         self._redis_ok_since: float | None = None
-        self._next_liveness_check = 0.0
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -142,9 +142,9 @@ class Supervisor:
         if self.queue is None or self.stale_after_s is None:
             return
         now = time.time()
-        if now < self._next_liveness_check and child.seen_live:
+        if now < child.next_liveness_check:
             return
-        self._next_liveness_check = now + min(1.0, self.stale_after_s / 3)
+        child.next_liveness_check = now + min(1.0, self.stale_after_s / 3)
         try:
             deadline = self.queue.connection.zscore(self.queue.keys.live_workers, child.name)
         except RedisError:

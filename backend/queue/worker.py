@@ -41,9 +41,9 @@ What RQ's SimpleWorker (rq 3.0) lacks, and this class adds:
 
 Test-only hooks (read once at start): OSPREY_TEST_JOB_DELAY_S (default 0) sleeps that long at the start of
 every job, after the job is registered as started, so fault tests can SIGKILL a worker mid-job;
-OSPREY_TEST_NATIVE_HANG_TASK=<task id> makes jobs of that task call libc ``sleep`` for
-OSPREY_TEST_NATIVE_HANG_S (default 3600) with SIGALRM blocked (a C call RQ's timeout cannot interrupt;
-OSPREY_TEST_NATIVE_HANG_GIL=1 holds the GIL during it). Nothing else behaves differently under test.
+OSPREY_TEST_NATIVE_HANG_TASK=<task id>[,<task id>:gil...] makes jobs of those tasks call libc ``sleep``
+for OSPREY_TEST_NATIVE_HANG_S (default 3600) with SIGALRM blocked (a C call RQ's timeout cannot interrupt;
+``:gil`` holds the GIL during it). Nothing else behaves differently under test.
 """
 
 from __future__ import annotations
@@ -253,14 +253,18 @@ class OspreyWorker(SimpleWorker):
                 logger.warning("could not check the announced model version; keeping %s", self.runtime.source)
             if self.test_job_delay_s:
                 time.sleep(self.test_job_delay_s)
-            if self._native_hang is not None:
-                self._native_hang(job)
             return super().perform_job(job, queue, execution)
         finally:
             stop.set()
             beat.join()
             if self._batch_queue is not None and queue.name == self._batch_queue.name:
                 self._release_slot()
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        """RQ marks the job started here; the test-only native hang runs right after, as a model call would."""
+        super().prepare_job_execution(job, remove_from_intermediate_queue)
+        if self._native_hang is not None:
+            self._native_hang(job)
 
     def _beat(self, job: Job, execution: Any, stop: threading.Event) -> None:
         started = time.monotonic()
@@ -336,18 +340,19 @@ class OspreyWorker(SimpleWorker):
 
 def _native_hang_hook() -> Callable[[Job], None] | None:
     """The test-only native hang (module docstring): None unless OSPREY_TEST_NATIVE_HANG_TASK is set."""
-    task = os.environ.get(TEST_HANG_TASK_ENV, "").strip()
-    if not task:
+    spec = os.environ.get(TEST_HANG_TASK_ENV, "").strip()
+    if not spec:
         return None
+    tasks = dict(item.partition(":")[::2] for item in spec.split(",") if item.strip())  # task id -> "" | "gil"
     seconds = int(float(os.environ.get("OSPREY_TEST_NATIVE_HANG_S", "3600") or 3600))
-    hold_gil = os.environ.get("OSPREY_TEST_NATIVE_HANG_GIL", "") == "1"
-    libc = ctypes.PyDLL(None) if hold_gil else ctypes.CDLL(None)
-    logger.warning("%s=%s: jobs of that task hang in native code (test hook)", TEST_HANG_TASK_ENV, task)
+    logger.warning("%s=%s: jobs of these tasks hang in native code (test hook)", TEST_HANG_TASK_ENV, spec)
 
     def hang(job: Job) -> None:
         payload = job.args[0] if job.args else {}
-        if str((payload or {}).get("task_id")) != task:
+        mode = tasks.get(str((payload or {}).get("task_id")))
+        if mode is None:
             return
+        libc = ctypes.PyDLL(None) if mode == "gil" else ctypes.CDLL(None)  # PyDLL keeps the GIL held
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})  # what RQ's timeout uses
         try:
             libc.sleep(seconds)

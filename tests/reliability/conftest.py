@@ -89,3 +89,104 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path)
     yield server
     server.stop()
+
+
+# ---- `osprey run` (embedded Redis unless REDIS_URL is given) ------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+class OspreyRun:
+    """`osprey run` in a subprocess (its own session), open auth, the tiny model, 1 s heartbeats."""
+
+    def __init__(self, workdir: Path, **env: str):
+        import os
+        import sys
+
+        synthetic = workdir / "files" / "imgs" / "a.png"
+        if not synthetic.exists():
+            from tests.backend.conftest import synthetic_png
+
+            synthetic_png(synthetic)
+        base = {k: v for k, v in os.environ.items()
+                if not k.startswith(("OSPREY_", "LABEL_STUDIO_", "BASIC_AUTH_")) and k != "REDIS_URL"}
+        self.env = base | {"MODEL_DIR": str(workdir / "data"), "LOCAL_FILES_DOCUMENT_ROOT": str(workdir / "files"),
+                           "OSPREY_WORKER_HEARTBEAT_S": "1", "OSPREY_MAX_NEW_TOKENS": "8", "PYTHONUNBUFFERED": "1",
+                           "OSPREY_REDIS_PREFIX": f"run{uuid.uuid4().hex[:8]}", **env}
+        self.port = free_port()
+        self.log_path = workdir / f"run-{self.port}.log"
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "run", "--host", "127.0.0.1", "--port",
+                                      str(self.port)], cwd=REPO, env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.base_url = f"http://127.0.0.1:{self.port}"
+
+    def health(self, **params: str):
+        import httpx
+
+        return httpx.get(self.base_url + "/health", params=params, timeout=5)
+
+    def wait_up(self, timeout: float = 180) -> None:
+        wait_for(lambda: self.proc.poll() is None and self.health().status_code == 200, timeout, "osprey run UP")
+
+    def post(self, path: str, body: dict, timeout: float = 120):
+        import httpx
+
+        return httpx.post(self.base_url + path, json=body, timeout=timeout)
+
+    def worker_pids(self) -> set[int]:
+        """The prediction worker(s) among the children (not the write-back or training worker, not Redis)."""
+        found = set()
+        for pid in _children(self.proc.pid):
+            try:
+                cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"backend.cli\x00worker" in cmdline and b"interactive" in cmdline:
+                found.add(pid)
+        return found
+
+    def tail(self, chars: int = 6000) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self) -> None:
+        import os
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture()
+def osprey_run(tmp_path: Path):
+    """A factory of `OspreyRun`s, all stopped (and their logs printed on failure) at the end."""
+    runs: list[OspreyRun] = []
+
+    def start(**env: str) -> OspreyRun:
+        run = OspreyRun(tmp_path, **env)
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        run.stop()
