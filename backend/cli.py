@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from training.schedule import run_training_worker
 
                 run_training_worker(settings, burst=args.burst, name=args.name, schedule=args.schedule,
-                                    periodic=periodic_jobs(settings))
+                                    periodic=periodic_jobs(settings), preload=("backend.labelstudio.sync",))
             else:
                 run_worker(settings, burst=args.burst, name=args.name, queues=queues)
         elif args.command == "schedule":

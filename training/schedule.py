@@ -362,13 +362,15 @@ def start_schedule_thread(connection: Redis, prefix: str, periodic: dict[str, in
 
 
 def run_training_worker(settings: Any, burst: bool = False, name: str | None = None, schedule: bool = False,
-                        periodic: dict[str, int] | None = None) -> None:
+                        periodic: dict[str, int] | None = None, preload: tuple[str, ...] = ()) -> None:
     """`osprey worker --queues training [--schedule]`: an RQ worker for syncs and training runs (no model
-    held between jobs), optionally with the schedule in a thread.
+    held between jobs), optionally with the schedule in a thread; `preload`: modules of the job functions
+    (an adapter's sync) to import before forking.
 
     A forking worker: each job runs in a child process, so a run killed by the OOM killer or SIGKILL
     takes only that child (the lock expires, the next run succeeds) and memory is returned after each run.
     """
+    import importlib
     import os
     import socket
 
@@ -376,6 +378,9 @@ def run_training_worker(settings: Any, burst: bool = False, name: str | None = N
 
     from backend.queue.redis import connect, redis_url
 
+    # Imported once here, so every forked job starts with them loaded (a sync job takes ~0.1 s, not ~2 s).
+    for module in ("training.jobs", "training.pipeline", "training.store", *preload):
+        importlib.import_module(module)
     connection = connect(redis_url(settings))
     queue = training_queue(connection, settings.osprey_redis_prefix)
     stop = None
