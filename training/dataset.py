@@ -276,7 +276,10 @@ def render(sample: Sample, system: str = "osprey_v1") -> str:
     `vicuna_v1` is what the original trained with (spec §1.4)."""
     if system not in SYSTEMS:
         raise DatasetError(f"unknown system prompt {system!r}; known: {', '.join(SYSTEMS)}")
-    return conv.training_conversation(list(sample.turns), system=SYSTEMS[system])
+    render_turns = getattr(conv, "training_conversation", None)
+    if render_turns is not None:
+        return render_turns(list(sample.turns), system=SYSTEMS[system])
+    return SYSTEMS[system] + " " + "".join(f"USER: {q} ASSISTANT: {a}</s>" for q, a in sample.turns)
 
 
 def encode(sample: Sample, tokenizer, system: str = "osprey_v1", max_length: int = 2048,

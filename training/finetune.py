@@ -22,7 +22,7 @@ import random
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -325,10 +325,12 @@ def train(
     device: str | None = None,
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
 ) -> TrainResult:
     """Fine-tune `base` (a preset, a model directory, an adapter directory) on `samples`; write a model
     directory `load_engine` can load to `out_dir` (LoRA: adapter + modules + base reference; full: our
-    save format) plus `training.json`. Rerunning after a kill resumes from the last checkpoint."""
+    save format) plus `training.json`. Rerunning after a kill resumes from the last checkpoint.
+    `on_step(step, total, loss)` is called after every optimizer step (job progress, heartbeats)."""
     from accelerate import Accelerator
     from tqdm import tqdm
 
@@ -402,6 +404,8 @@ def train(
         done = step + 1
         if config.save_every and done % config.save_every == 0 and done < total and accelerator.is_main_process:
             _save_checkpoint(ckpt_root, done, model, optimizer, run_id, losses)
+        if on_step is not None:
+            on_step(done, total, losses[-1])
     bar.close()
     model.eval()
     accelerator.wait_for_everyone()

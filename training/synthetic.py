@@ -205,12 +205,14 @@ def generate_scene(
     max_tries: int = 200,
     layout: str = "random",
     jitter: float = 0.15,
+    max_tilt: float = 1.0,
 ) -> Scene:
     """Image `index` of `seed`: objects placed one by one, each kept only if every object keeps at least
     `min_visible` of its area visible (so each stays recognisable); `textured` is the chance of a texture.
 
     `layout="grid"` puts objects near the centres of a 3x3 grid (± `jitter` of a cell), one per cell
-    while cells are free: fewer distinct mask positions, which small models trained in minutes need."""
+    while cells are free: fewer distinct mask positions, which small models trained in minutes need;
+    `max_tilt` scales the random rotation of the shapes that have one (0: all upright)."""
     if layout not in ("random", "grid"):
         raise ValueError(f"layout must be 'random' or 'grid', got {layout!r}")
     unknown = [s for s in shapes if s not in SHAPES]
@@ -240,7 +242,7 @@ def generate_scene(
         else:
             cell = -1
             cx, cy = float(rng.uniform(r + 1, w - r - 1)), float(rng.uniform(r + 1, h - r - 1))
-        tilt = MAX_TILT_DEG.get(shape, 0.0)
+        tilt = MAX_TILT_DEG.get(shape, 0.0) * max_tilt
         angle = float(rng.uniform(-tilt, tilt)) if tilt else 0.0
         full = shape_mask(shape, cx, cy, r, angle, w, h)
         candidate = placed + [(shape, colour, size, cx, cy, r, angle, full)]
