@@ -137,14 +137,15 @@ def test_redis_down_gives_503_and_the_backend_recovers_without_restart(tmp_path,
         assert "Redis" in down.json()["detail"] and "unavailable" in down.json()["detail"]
         assert down.headers["retry-after"] == "5"
         assert s.post("/setup", payloads.setup(config)).status_code == 503
-        health = httpx.get(s.base_url + "/health", timeout=5)  # the process answers, and says why it cannot serve
-        assert health.status_code == 503 and health.json()["status"] == "DOWN"
-        assert "Redis" in health.json()["reason"]
+        # The process answers, and says why it cannot serve (once its 0.5 s cached worker count is stale).
+        health = wait_for(lambda: (r := httpx.get(s.base_url + "/health", timeout=5)).status_code == 503 and r, 10,
+                          "/health to say DOWN")
+        assert health.json()["status"] == "DOWN" and "Redis" in health.json()["reason"]
 
         server = _redis_server(port, wait_for)  # an empty Redis on the same port: no restart of server or worker
         recovered = wait_for(lambda: (r := interactive(703, 30.0)).status_code == 200 and r, 60,
                              "predictions to work again")
-        assert httpx.get(s.base_url + "/health", timeout=5).json()["status"] == "UP"
+        wait_for(lambda: httpx.get(s.base_url + "/health", timeout=5).json()["status"] == "UP", 10, "/health UP")
         assert {i["id"] for i in recovered.json()["results"][0]["result"]} == {"rd703"}
         assert all(p.poll() is None for p in [s.server, *s.workers])
     except BaseException:
