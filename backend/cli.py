@@ -101,6 +101,12 @@ def run_all(settings: Settings) -> None:
             embedded = EmbeddedRedis(settings.model_dir).start()
             url = embedded.url
         env = {**os.environ, "REDIS_URL": url}
+        if not os.environ.get("OSPREY_MODEL"):  # the embedded default: the demo model (training/demo_model.py)
+            from training.demo_model import DEMO_TRAINING_ENV, default_model_source
+
+            env["OSPREY_MODEL"] = default_model_source(settings.model_dir)
+            env |= {k: v for k, v in DEMO_TRAINING_ENV.items() if k not in os.environ}
+            settings = settings.model_copy(update={"osprey_model": env["OSPREY_MODEL"]})
         base = f"osprey-{socket.gethostname()}-{os.getpid()}"
         children = [Child(f"{base}-w0", ["--queues", "interactive,batch", "--name", f"{base}-w0"])]
         if settings.label_studio_url and settings.label_studio_api_key is not None:
@@ -115,6 +121,7 @@ def run_all(settings: Settings) -> None:
         supervisor.start()
         logger.info("worker processes %s started; serving on http://%s:%d", supervisor.pids(), settings.host,
                     settings.port)
+        print(connect_help(settings), flush=True)
         serve(settings.model_copy(update={"redis_url": url}))
     except (KeyboardInterrupt, _Stop):
         pass
@@ -126,6 +133,21 @@ def run_all(settings: Settings) -> None:
             supervisor.stop()
         if embedded is not None:
             embedded.stop()
+
+
+def connect_help(settings: Settings) -> str:
+    """How to connect Label Studio to this backend (printed by `osprey run`)."""
+    host = "localhost" if settings.host in ("0.0.0.0", "127.0.0.1", "::") else settings.host
+    if settings.basic_auth_user:
+        auth = f"basic auth: user {settings.basic_auth_user!r} and the BASIC_AUTH_PASS password"
+    elif settings.osprey_api_token is not None:
+        auth = "auth: the OSPREY_API_TOKEN bearer token (Label Studio: use basic auth instead, BASIC_AUTH_USER/PASS)"
+    else:
+        auth = "auth: none (set BASIC_AUTH_USER / BASIC_AUTH_PASS to require it)"
+    return (f"\nOsprey serves {settings.osprey_model}\n"
+            f"Connect Label Studio: project Settings -> Model -> Connect Model, URL http://{host}:{settings.port}, "
+            f"{auth}; turn on 'Interactive preannotations'.\n"
+            "Example labeling config: deploy/labelstudio/demo_shapes.xml (shapes: category, colour, caption).\n")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -157,6 +179,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=9090, help="backend port (default 9090)")
     p.add_argument("--images", type=int, default=12, help="demo images to import (default 12)")
     p.add_argument("--screenshots", metavar="DIR", help="take the README screenshots into DIR, then stop")
+    from training.demo_model import register_cli as register_demo_cli
+
+    register_demo_cli(sub)  # osprey demo-model, osprey demo-data
     from training.models_cli import register_models_cli
 
     register_models_cli(sub)  # osprey models list|show|promote|rollback
@@ -231,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
         elif args.command == "run":
             run_all(settings)
+        elif args.command in ("demo-model", "demo-data"):
+            return int(args.func(args) or 0)
         elif args.command == "models":
             return int(args.func(args) or 0)
         elif args.command == "demo":
