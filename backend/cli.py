@@ -102,11 +102,14 @@ def run_all(settings: Settings) -> None:
             url = embedded.url
         env = {**os.environ, "REDIS_URL": url}
         if not os.environ.get("OSPREY_MODEL"):  # the embedded default: the demo model (training/demo_model.py)
-            from training.demo_model import DEMO_TRAINING_ENV, default_model_source
+            from training.demo_model import DEMO_TRAINING_ENV, DemoModelError, default_model_source
 
-            env["OSPREY_MODEL"] = default_model_source(settings.model_dir)
-            env |= {k: v for k, v in DEMO_TRAINING_ENV.items() if k not in os.environ}
-            settings = settings.model_copy(update={"osprey_model": env["OSPREY_MODEL"]})
+            try:
+                env["OSPREY_MODEL"] = default_model_source(settings.model_dir)
+                env |= {k: v for k, v in DEMO_TRAINING_ENV.items() if k not in os.environ}
+                settings = settings.model_copy(update={"osprey_model": env["OSPREY_MODEL"]})
+            except DemoModelError as exc:
+                logger.warning("%s; serving %s", exc, settings.osprey_model)
         base = f"osprey-{socket.gethostname()}-{os.getpid()}"
         children = [Child(f"{base}-w0", ["--queues", "interactive,batch", "--name", f"{base}-w0"])]
         if settings.label_studio_url and settings.label_studio_api_key is not None:
