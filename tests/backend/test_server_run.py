@@ -140,7 +140,7 @@ def test_osprey_run_restarts_a_killed_worker_and_health_follows(tmp_path, payloa
         return httpx.get(base + "/health", timeout=5)
 
     try:
-        helpers.wait_for(lambda: health().status_code == 200, 120, "osprey run to be UP")
+        helpers.wait_for(lambda: health().status_code == 200, 240, "osprey run to be UP")
         assert health().json()["status"] == "UP"
         assert interactive("before").status_code == 200
         [worker] = _worker_pids(run.pid)
@@ -152,7 +152,7 @@ def test_osprey_run_restarts_a_killed_worker_and_health_follows(tmp_path, payloa
         assert refused.status_code == 503, refused.text
         assert "no worker is alive" in refused.json()["detail"] and refused.headers["retry-after"]
 
-        helpers.wait_for(lambda: health().status_code == 200, 120, "/health to be UP again")
+        helpers.wait_for(lambda: health().status_code == 200, 240, "/health to be UP again")
         [new_worker] = _worker_pids(run.pid)
         assert new_worker != worker
         after = interactive("after")
