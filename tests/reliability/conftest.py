@@ -124,7 +124,8 @@ class OspreyRun:
         base = {k: v for k, v in os.environ.items()
                 if not k.startswith(("OSPREY_", "LABEL_STUDIO_", "BASIC_AUTH_")) and k != "REDIS_URL"}
         self.env = base | {"MODEL_DIR": str(workdir / "data"), "LOCAL_FILES_DOCUMENT_ROOT": str(workdir / "files"),
-                           "OSPREY_WORKER_HEARTBEAT_S": "1", "OSPREY_MAX_NEW_TOKENS": "8", "PYTHONUNBUFFERED": "1",
+                           "OSPREY_MODEL": "tiny", "OSPREY_WORKER_HEARTBEAT_S": "1", "OSPREY_MAX_NEW_TOKENS": "8",
+                           "PYTHONUNBUFFERED": "1",
                            "OSPREY_REDIS_PREFIX": f"run{uuid.uuid4().hex[:8]}", **env}
         self.port = free_port()
         self.log_path = workdir / f"run-{self.port}.log"
@@ -190,3 +191,49 @@ def osprey_run(tmp_path: Path):
     yield start
     for run in runs:
         run.stop()
+
+
+class RestartableLabelStudio(FakeLabelStudio):
+    """The backend suite's fake Label Studio, which can go down (`stop`) and come back (`start`) on its port,
+    keeping the predictions it stored."""
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def start(self) -> None:
+        import threading
+        from http.server import ThreadingHTTPServer
+
+        handler = self.server.RequestHandlerClass
+        port = int(self.url.rsplit(":", 1)[1])
+        self.server = wait_for(lambda: ThreadingHTTPServer(("127.0.0.1", port), handler), 30, "the port again")
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def posts(self) -> int:
+        with self.lock:
+            return sum(1 for method, path in self.calls if method == "POST")
+
+
+@pytest.fixture()
+def flaky_ls() -> Iterator[RestartableLabelStudio]:
+    fake = RestartableLabelStudio()
+    yield fake
+    try:
+        fake.close()
+    except OSError:
+        pass
+
+
+def batch_body(builders, label_configs, task_ids, project: str = "1.1795681025") -> dict:
+    """A Retrieve-Predictions batch: one annotated polygon per task (so every task has a region)."""
+    tasks = [builders.task(t, annotations=[builders.annotation([builders.polygon(f"p{t}")])]) for t in task_ids]
+    body = builders.predict(tasks, label_configs["polygon_rectangle"])
+    body["project"] = project
+    return body
+
+
+def written_once(fake: FakeLabelStudio, task_ids) -> bool:
+    """Every task has exactly one prediction in the fake Label Studio (for wait_for)."""
+    return all(len(fake.for_task(t)) == 1 for t in task_ids)
