@@ -372,6 +372,14 @@ def train(
     if latest is not None:
         start, losses = _load_checkpoint(latest, model, optimizer)
         logger.info("resuming %s from step %d", out, start)
+    ds = getattr(accelerator.state, "deepspeed_plugin", None)
+    if ds is not None:  # no DataLoader goes through prepare(): DeepSpeed needs the batch sizes told
+        if config.grad_accum != 1:
+            raise TrainingError("with DeepSpeed, use --batch-size instead of --grad-accum (it steps itself)")
+        ds.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
+        ds.deepspeed_config["gradient_accumulation_steps"] = 1
+        ds.deepspeed_config["train_batch_size"] = config.batch_size * world
+        ds.deepspeed_config["gradient_clipping"] = config.max_grad_norm or 0.0
     step_module, optimizer = accelerator.prepare(step_module, optimizer)
     batches = _micro_batches(len(encoded), config, world, rank, total)
 

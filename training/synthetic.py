@@ -206,13 +206,16 @@ def generate_scene(
     layout: str = "random",
     jitter: float = 0.15,
     max_tilt: float = 1.0,
+    colour_of: dict[str, str] | None = None,
 ) -> Scene:
     """Image `index` of `seed`: objects placed one by one, each kept only if every object keeps at least
     `min_visible` of its area visible (so each stays recognisable); `textured` is the chance of a texture.
 
     `layout="grid"` puts objects near the centres of a 3x3 grid (± `jitter` of a cell), one per cell
     while cells are free: fewer distinct mask positions, which small models trained in minutes need;
-    `max_tilt` scales the random rotation of the shapes that have one (0: all upright)."""
+    `max_tilt` scales the random rotation of the shapes that have one (0: all upright). `colour_of`
+    (shape -> colour) ties each shape to one colour: a world that models with a frozen random vision
+    tower can learn in seconds (their pooled features name colours, not outlines)."""
     if layout not in ("random", "grid"):
         raise ValueError(f"layout must be 'random' or 'grid', got {layout!r}")
     unknown = [s for s in shapes if s not in SHAPES]
@@ -220,6 +223,8 @@ def generate_scene(
         raise ValueError(f"unknown shapes {unknown}; known: {', '.join(SHAPES)}")
     if not 1 <= objects[0] <= objects[1]:
         raise ValueError(f"objects must be a range (lo, hi) with 1 <= lo <= hi, got {objects}")
+    if colour_of is not None and (set(shapes) - set(colour_of) or set(colour_of.values()) - set(COLOURS)):
+        raise ValueError("colour_of must give every shape one of the known colours")
     rng = np.random.default_rng([seed, index])
     w = h = int(image_size)
     image, background = _background(rng, w, h, rng.random() < textured)
@@ -231,6 +236,8 @@ def generate_scene(
             break
         shape = shapes[int(rng.integers(len(shapes)))]
         colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+        if colour_of is not None:
+            colour = colour_of[shape]
         size = SIZES[int(rng.integers(len(SIZES)))]
         lo, hi = SIZE_RADII[size]
         r = float(rng.uniform(lo, hi)) * w
