@@ -88,6 +88,7 @@ def _wait(check: Any, timeout_s: float, what: str) -> None:
 
 def start_demo(settings: Settings, *, ls_port: int = 8080, backend_port: int = 9090, images: int = 12,
                seed: int = 1001) -> Demo:
+    from training.demo_model import WORLD
     from training.synthetic import demo_data
 
     workdir = Path(settings.model_dir).resolve() / "demo"
@@ -95,7 +96,8 @@ def start_demo(settings: Settings, *, ls_port: int = 8080, backend_port: int = 9
         shutil.rmtree(workdir)  # a fresh Label Studio database every time: the demo is disposable
     files_root = workdir / "files"
     print(f"writing {images} demo images under {files_root} ...", flush=True)
-    paths = demo_data(files_root / "shapes", images=images, seed=seed)
+    # The demo model's world (hexagons included: the class it has to learn from the annotator).
+    paths = demo_data(files_root / "shapes", images=images, seed=seed, **WORLD)
     tasks = unlabeled_tasks(json.loads(paths["labelstudio"].read_text()), files_root)
     # devserver makes data/ and files/ itself: move the images aside and back.
     staged = workdir.parent / "demo-staging"
