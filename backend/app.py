@@ -26,13 +26,15 @@ import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
 from backend.auth import auth_dependency, install_log_redaction
+from backend.auth import require_auth as require_auth_for
 from backend.errors import INPUT_ERRORS, input_status
 from backend.guard import RequestGuard
+from backend.health import health_detail
 from backend.labelstudio.routes import create_router
 from backend.queue.jobs import QueueBusy
 from backend.queue.redis import QueueUnavailable
@@ -54,6 +56,16 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
         loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
         parts.append(f"{loc}: {e.get('msg')}")
     return 422, "invalid request: " + "; ".join(parts)
+
+
+def _documented_errors(schema: dict[str, Any]) -> dict[str, Any]:
+    """Every error answer is ``{"detail": "<message>"}`` (handlers above), 422 included: say so in the schema
+    instead of FastAPI's default list of validation errors (tests/fuzz/test_schemathesis.py checks it)."""
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas["HTTPValidationError"] = {"title": "Error", "type": "object", "required": ["detail"],
+                                      "properties": {"detail": {"type": "string", "title": "Detail"}}}
+    schemas.pop("ValidationError", None)
+    return schema
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -107,30 +119,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
 
     @app.get("/health", response_model=None)
-    def health() -> dict[str, Any] | JSONResponse:
-        # UP only while a prediction worker has a live heartbeat (backend/queue/jobs.py live_workers).
+    def health(request: Request, detail: bool = False) -> dict[str, Any] | JSONResponse:
+        # UP only while a prediction worker has a live heartbeat (backend/queue/jobs.py live_workers);
+        # one Redis read, cached for 0.5 s (Label Studio polls with a 1 s timeout).
+        # `?detail=1` (authenticated): Redis, workers, model versions, lanes, oldest job, last training run.
+        if detail:
+            require_auth_for(request, settings)
         version = state.last_model["version"] if state.last_model else None
         body: dict[str, Any] = {"status": "UP", "model_class": MODEL_CLASS, "model_version": version}
         try:
             queue = state.queue()
-            workers = queue.live_workers()
+            workers = queue.live_worker_count(cached=True)
             reason = None if workers else queue.no_worker_reason()
         except (QueueUnavailable, RedisError) as exc:
-            workers, reason = [], f"the job queue is unavailable (Redis: {type(exc).__name__}: {exc})"
-        body["workers"] = len(workers)
+            workers, reason = 0, f"the job queue is unavailable (Redis: {type(exc).__name__}: {exc})"
+        body["workers"] = workers
         if reason is not None:
-            return JSONResponse({**body, "status": "DOWN", "reason": reason}, status_code=503)
+            body = {**body, "status": "DOWN", "reason": reason}
+        if detail:
+            body["detail"] = health_detail(state)
+        if reason is not None:
+            return JSONResponse(body, status_code=503)
         return body
 
     app.include_router(create_router(state))
 
-    @app.get("/metrics", dependencies=[Depends(require_auth)])
+    @app.get("/metrics", dependencies=[Depends(require_auth)], response_class=PlainTextResponse)
     def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/openapi.json", dependencies=[Depends(require_auth)], include_in_schema=False)
     def openapi() -> dict[str, Any]:
-        return app.openapi()
+        return _documented_errors(app.openapi())
 
     @app.get("/docs", dependencies=[Depends(require_auth)], include_in_schema=False)
     def docs() -> Response:

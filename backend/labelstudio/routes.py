@@ -26,7 +26,7 @@ from backend.labelstudio.regions import parse_context, select_regions, task_imag
 from backend.labelstudio.results import prediction_from_output
 from backend.labelstudio.sync import enqueue_for_event
 from backend.labelstudio.webhook_setup import ensure_webhook_secret
-from backend.queue.jobs import BATCH, INTERACTIVE, JobQueue, JobSpec, canonical_json
+from backend.queue.jobs import BATCH, INTERACTIVE, JobQueue, JobSpec, batch_group, canonical_json
 from backend.service.autolabel import AutolabelOptions, label_mode
 from backend.state import AppState
 from training.schedule import training_status
@@ -248,7 +248,8 @@ class LabelStudioBackend:
                 extra = self.extra_params.get(str(project)) if project is not None else None
                 auto = autolabel_plan(plan, neutral_plan, self.settings, extra)
                 if auto is not None:
-                    specs[i] = JobSpec(BATCH, task_ids[i], image_url, [], auto, model_version, queue.keys.prefix)
+                    specs[i] = JobSpec(BATCH, task_ids[i], image_url, [], auto, model_version, queue.keys.prefix,
+                                       group=batch_group(project))
                     continue
                 entries[i] = _placeholder(
                     model_version, "no_regions",
@@ -257,7 +258,7 @@ class LabelStudioBackend:
                     f"{autolabel_why_not(plan, self.settings, extra)}")
                 continue
             specs[i] = JobSpec(BATCH, task_ids[i], image_url, [r.to_dict() for r in regions], neutral_plan,
-                               model_version, queue.keys.prefix)
+                               model_version, queue.keys.prefix, group=batch_group(project))  # fair per project
         if tasks and len(errors) == len(tasks):
             raise HTTPException(422, "no task can be predicted: " + "; ".join(errors[:10]))
 
