@@ -187,14 +187,14 @@ def engine_times(indices: list[int], image_path: Path, repeats: int = 1) -> dict
     engine = load_engine("tiny", device="cpu", max_new_tokens=64)
     plan = parse_label_config(CONFIG)
     image = Image.open(image_path).convert("RGB")
-    predict_regions(engine, image, plan, parse_context({"result": [box(10**9)]}, plan))  # warm the image cache
+    predict_regions(engine, image, plan.to_plan(), parse_context({"result": [box(10**9)]}, plan))  # warm the image cache
     out = {}
     for i in indices:
         regions = parse_context({"result": [box(i)]}, plan)
         best = float("inf")
         for _ in range(repeats):
             started = time.perf_counter()
-            predict_regions(engine, image, plan, regions)
+            predict_regions(engine, image, plan.to_plan(), regions)
             best = min(best, time.perf_counter() - started)
         out[i] = best
     return out
