@@ -47,9 +47,25 @@ def _job_id() -> str | None:
     return job.id if job is not None else None
 
 
+def _die_with_worker() -> None:
+    """In RQ's forked job process (its own session): get SIGKILL when the worker dies (Linux), so a killed
+    worker never leaves a run training -- and holding the lock -- on its own."""
+    import os
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the worker died before the prctl
+            os._exit(1)
+
+
 def train_job(payload: dict[str, Any]) -> dict[str, Any]:
     from .pipeline import run_training
 
+    _die_with_worker()
     return run_training(context(), str(payload["project"]), str(payload.get("reason", "")), _job_id())
 
 
