@@ -150,11 +150,9 @@ def build(out_dir: str | Path = SHIPPED_DIR, recipe: Recipe | None = None, progr
     import torch
 
     from .dataset import build_samples
-    from .evaluate import evaluate, write_metrics
     from .finetune import TrainConfig, train
 
     recipe = recipe or Recipe()
-    out = Path(out_dir)
     labels = label_space(recipe.attributes)
     torch.manual_seed(recipe.seed)
     with tempfile.TemporaryDirectory(prefix="osprey-demo-") as tmp:
@@ -170,24 +168,39 @@ def build(out_dir: str | Path = SHIPPED_DIR, recipe: Recipe | None = None, progr
                        metadata={"demo_recipe": asdict(recipe)})
         train_s = time.perf_counter() - started
         log(f"trained {result.steps} steps in {train_s:.0f} s (loss {result.losses[0]:.3f} -> {result.final_loss:.3f})")
-        from osprey_core import load_engine
+        report = finish(staging, out_dir, recipe, train_s, work)
+    log(format_report(report))
+    return report
 
-        held = world_examples(work / "held", recipe.held_out_images, recipe.held_out_seed, TRAIN_SHAPES,
+
+def finish(trained: str | Path, out_dir: str | Path, recipe: Recipe, train_seconds: float | None = None,
+           workdir: Path | None = None) -> dict[str, Any]:
+    """Measure a trained demo model on the held-out seed and write it, with metrics.json (what the registry
+    and the gate read: all eight labels, hexagon included), recipe.json and demo_accuracy.json, to `out_dir`."""
+    from osprey_core import load_engine
+
+    from .evaluate import evaluate, write_metrics
+
+    trained, out = Path(trained), Path(out_dir)
+    labels = label_space(recipe.attributes)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        staging = Path(tmp) / "model"
+        shutil.copytree(trained, staging, ignore=shutil.ignore_patterns("checkpoints"))
+        held = world_examples(Path(tmp) / "held", recipe.held_out_images, recipe.held_out_seed, TRAIN_SHAPES,
                               recipe.attributes)
         engine = load_engine(str(staging), device="cpu")
-        # metrics.json: what the registry and the gate read (all eight labels, hexagon included).
         write_metrics(evaluate(engine, held, labels, descriptions=False), staging)
         report = accuracy(engine, held, labels) | {"model_version": engine.model_version,
                                                   "seed": recipe.held_out_seed, "images": recipe.held_out_images}
-        report["train_seconds"] = round(train_s, 1)
+        if train_seconds is not None:
+            report["train_seconds"] = round(train_seconds, 1)
         (staging / RECIPE_FILE).write_text(json.dumps(asdict(recipe), indent=2) + "\n")
         (staging / ACCURACY_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        (staging / "checkpoints").exists() and shutil.rmtree(staging / "checkpoints")
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(staging, out)
-    log(format_report(report))
+        shutil.copytree(staging, out, ignore=shutil.ignore_patterns(".osprey_sha256.json"))
+    (out / ".gitignore").write_text(".osprey_sha256.json\n")  # osprey_core.versioning's hash cache
     return report
 
 
