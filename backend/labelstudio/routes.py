@@ -368,7 +368,12 @@ def create_router(state: AppState) -> APIRouter:
         current = queue.current_model()
         # `training`: the last runs of the learning loop, refusals with the gate's numbers (schedule.py).
         # `swap`: the last model swap of a worker; a failed one ({"ok": false, "error": ...}) shows here.
-        return {"versions": queue.model_versions(), "current": current["version"] if current else None,
-                "training": training_status(queue.connection, queue.keys.prefix), "swap": queue.last_swap()}
+        # A promoted version is listed at once, before a worker's next job loads it.
+        training = training_status(queue.connection, queue.keys.prefix)
+        served = queue.model_versions()
+        promoted = [r["version"] for r in reversed(training["runs"]) if r.get("status") == "promoted"]
+        return {"versions": served + [v for v in dict.fromkeys(promoted) if v not in served],
+                "current": current["version"] if current else None, "training": training,
+                "swap": queue.last_swap()}
 
     return router
