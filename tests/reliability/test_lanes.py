@@ -112,7 +112,8 @@ def test_the_batch_lane_is_bounded(queue):
 def test_a_write_back_backlog_refuses_new_batches_with_503(queue):
     queue.settings = queue.settings.model_copy(update={"osprey_max_queued_writeback": 3})
     for i in range(3):
-        queue.enqueue_delivery("backend.labelstudio.writeback.writeback_job", f"job{i}", i, {"ok": True})
+        queue.enqueue_delivery("backend.labelstudio.writeback.writeback_job", f"{queue.keys.prefix}-job{i}", i,
+                               {"ok": True})  # job ids carry the prefix: RQ's job keys are global
     with pytest.raises(Backlogged) as backlog:
         queue.submit(batch_spec(queue, 1, "7"))
     assert backlog.value.status_code == 503 and "is Label Studio reachable" in backlog.value.message
