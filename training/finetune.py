@@ -216,7 +216,9 @@ def prepare_model(model, config: TrainConfig):
     lora = None
     if config.mode == "lora":
         lora = adapters.lora_config(config.lora_r, config.lora_alpha, config.lora_dropout)
-        adapters.add_lora(model, lora)
+        with torch.random.fork_rng(devices=[]):  # LoRA's random init: from the run's seed, not the process
+            torch.manual_seed(config.seed)
+            adapters.add_lora(model, lora)
         for name, p in model.named_parameters():
             p.requires_grad_("lora_" in name)
     else:
