@@ -185,6 +185,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from training.demo_model import register_cli as register_demo_cli
 
     register_demo_cli(sub)  # osprey demo-model, osprey demo-data
+    from training.cli import register as register_train_cli
+
+    register_train_cli(sub)  # osprey train
     from training.models_cli import register_models_cli
 
     register_models_cli(sub)  # osprey models list|show|promote|rollback
@@ -259,6 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
         elif args.command == "run":
             run_all(settings)
+        elif args.command == "train":
+            from training.cli import run as run_train
+
+            return run_train(args)
         elif args.command in ("demo-model", "demo-data"):
             return int(args.func(args) or 0)
         elif args.command == "models":

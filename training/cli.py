@@ -1,4 +1,4 @@
-"""`osprey train` and `osprey demo-data`: argparse wiring for the fine-tuning and synthetic-data commands.
+"""`osprey train`: argparse wiring for the fine-tuning command (`osprey demo-data` is training/demo_model.py's).
 
 `register(subparsers)` adds the subcommands to the `osprey` CLI; `run(args)` executes one and returns the
 exit status. `python -m training.cli train ...` works alone too, which is what
@@ -49,44 +49,14 @@ def register(subparsers) -> None:
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(training_command="train")
 
-    d = subparsers.add_parser("demo-data", help="write a synthetic shapes data set",
-                              description="Synthetic shapes with exact visible masks, categories, colours, "
-                                          "sizes, positions and descriptions (PNG + Osprey JSON + Label "
-                                          "Studio tasks + regions.jsonl).")
-    d.add_argument("--out", required=True)
-    d.add_argument("--images", type=int, default=200)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--size", type=int, default=384, help="image side in pixels")
-    d.add_argument("--exclude", default="", help="comma-separated shapes to leave out (e.g. hexagon)")
-    d.add_argument("--image-url-prefix", default="/data/local-files/?d=",
-                   help="prefix of the image URLs in the Label Studio tasks")
-    d.set_defaults(training_command="demo-data")
-
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.training_command == "demo-data":
-            return _demo_data(args)
         return _train(args)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-
-def _demo_data(args) -> int:
-    from . import synthetic
-
-    exclude = {s.strip() for s in args.exclude.split(",") if s.strip()}
-    unknown = exclude - set(synthetic.SHAPES)
-    if unknown:
-        raise ValueError(f"unknown shapes to exclude: {', '.join(sorted(unknown))}")
-    shapes = tuple(s for s in synthetic.SHAPES if s not in exclude)
-    paths = synthetic.demo_data(args.out, images=args.images, seed=args.seed, image_size=args.size,
-                                image_url_prefix=args.image_url_prefix, shapes=shapes)
-    for name, path in paths.items():
-        print(f"{name}: {path}")
-    return 0
 
 
 def _train(args) -> int:
