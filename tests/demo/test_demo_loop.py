@@ -14,6 +14,7 @@ import json
 import pytest
 
 from tests.backend.test_sync import FakeLabelStudioAPI
+from tests.demo.conftest import needs_demo_model
 from tests.training import test_loop as loop_tools
 from training import demo_model, synthetic
 
@@ -40,6 +41,7 @@ def annotation(scene) -> list[dict]:
     return [r for r in result if r["from_name"] in ("category", "color", "caption")]
 
 
+@needs_demo_model
 def test_fifty_hexagon_corrections_teach_the_demo_model_hexagons(tmp_path):
     model_dir = tmp_path / "data"
     base = demo_model.ensure_registered(model_dir)
