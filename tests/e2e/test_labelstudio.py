@@ -377,7 +377,8 @@ def test_webhook_events_recorded_with_secret(backend: Stack, slow_backend: Stack
         event = next(e for e in events(stack, "ANNOTATION_CREATED") if e["annotation"]["id"] in created)
         # Only ids are kept (Label Studio stays the source of truth; the sync re-reads the annotation).
         assert event["project"]["id"] == project.id and event["task"]["id"] in project.annotations
-        assert set(event) <= {"action", "project", "task", "annotation", "annotations", "tasks", "sync_project"}
+        assert set(event) <= {"action", "project", "project_id", "task", "annotation", "annotations", "tasks",
+                              "sync_project"}
 
 
 def test_webhook_without_secret_is_refused(label_studio: LabelStudio, backend: Stack, tmp_path: Path) -> None:
