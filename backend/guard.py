@@ -26,6 +26,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 OPEN_PATHS = frozenset({"/health"})
+# Metric labels for requests refused before routing (no route in the scope yet); anything else is "other",
+# so a scanner cannot blow up the label set.
+KNOWN_PATHS = frozenset({"/health", "/setup", "/predict", "/webhook", "/versions", "/train", "/metrics",
+                         "/openapi.json", "/docs"})
 WEBHOOK_PATHS = frozenset({"/webhook"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -66,7 +70,7 @@ class RequestGuard:
             await self.app(scope, receive, send_and_note)
         finally:
             route = scope.get("route")
-            path = getattr(route, "path", None) or "other"
+            path = getattr(route, "path", None) or (scope.get("path") if scope.get("path") in KNOWN_PATHS else "other")
             self.metrics.observe_request(scope.get("method", ""), path, status["code"], time.perf_counter() - started)
 
     def _authenticate(self, scope: Scope) -> None:

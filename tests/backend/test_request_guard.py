@@ -110,3 +110,21 @@ def test_authenticated_chunked_body_under_the_limit_reaches_the_route(stack):
 def test_webhook_with_secret_still_accepted(stack):
     response = httpx.post(stack.base_url + f"/webhook?secret={WEBHOOK_SECRET}", json={"action": "PING"}, timeout=10)
     assert response.status_code == 201, response.text
+
+
+def test_refusals_before_routing_are_counted_under_their_path(stack):
+    def refused_webhooks() -> float:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = stack.get("/metrics").text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if (sample.name == "osprey_http_requests_total" and sample.labels.get("path") == "/webhook"
+                        and sample.labels.get("status") == "401"):
+                    return sample.value
+        return 0.0
+
+    before = refused_webhooks()
+    assert httpx.post(stack.base_url + "/webhook", json={"action": "PING"}, timeout=10).status_code == 401
+    assert refused_webhooks() == before + 1
+    assert httpx.get(stack.base_url + "/no-such-path-" + "x" * 50, timeout=10).status_code == 401
