@@ -383,10 +383,18 @@ def test_webhook_events_recorded_with_secret(backend: Stack, slow_backend: Stack
 
 def test_webhook_without_secret_is_refused(label_studio: LabelStudio, backend: Stack, tmp_path: Path) -> None:
     """The webhook Label Studio creates carries no credentials: our backend answers 401 and records
-    nothing, until the secret is added to it."""
+    nothing, until the secret is added to it. (With LABEL_STUDIO_API_KEY set, /setup adds the secret header
+    itself -- backend/labelstudio/webhook_setup.py; this test takes it off again to see the refusal.)"""
     ls = label_studio
     project = new_project(ls, backend, tmp_path, "keypoint_sam.xml", "webhook", local=False)
     task_id = project.tasks["upload"]["id"]
+    hook = ls.backend_webhook(project.id, backend.base_url)
+    # A /setup now (the webhook exists) configures it once; afterwards the backend leaves it alone.
+    setup = backend.post("/setup", {"project": project.id, "schema": (CONFIGS / "keypoint_sam.xml").read_text()})
+    assert setup.status_code == 200, setup.text
+    wait_for(lambda: ls.backend_webhook(project.id, backend.base_url).get("headers"), 30,
+             "/setup adding the secret header to the webhook")
+    ls.call("PATCH", f"/api/webhooks/{hook['id']}", json={"headers": {}})
     point = item("keypointlabels", "point", {"x": 50.0, "y": 50.0, "width": 0.5, "keypointlabels": ["dog"]},
                  "kp1", UPLOAD_SIZE)
     def refused() -> float:
@@ -396,7 +404,6 @@ def test_webhook_without_secret_is_refused(label_studio: LabelStudio, backend: S
     unsigned = ls.annotate(task_id, [point])
     wait_for(lambda: refused() > refused_before, 10, "Label Studio's unsigned webhook call")
 
-    hook = ls.backend_webhook(project.id, backend.base_url)
     ls.call("PATCH", f"/api/webhooks/{hook['id']}", json={"headers": {"X-Osprey-Webhook-Secret": WEBHOOK_SECRET}})
     signed = ls.annotate(task_id, [{**point, "id": "kp2"}])
     wait_for(lambda: signed["id"] in annotation_ids_seen(backend, project.id), 10, "the signed webhook event")
