@@ -75,6 +75,27 @@ def synthetic_png(path: Path) -> None:
 # ---- a fake Label Studio for write-back -------------------------------------------------------------
 
 
+class JsonHandler(BaseHTTPRequestHandler):
+    """What the local fake HTTP APIs of these tests share: quiet logs, JSON (or raw) answers, LS token auth."""
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _send(self, status: int, body: Any, raw: bytes | None = None, ctype: str = "application/json") -> None:
+        data = raw if raw is not None else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _authorized(self) -> bool:
+        if self.headers.get("Authorization") != f"Token {LS_TOKEN}":
+            self._send(401, {"detail": "Authentication credentials were not provided."})
+            return False
+        return True
+
+
 class FakeLabelStudio:
     """`GET/POST /api/predictions/` of Label Studio, in memory; checks the legacy-token header.
 
@@ -89,24 +110,7 @@ class FakeLabelStudio:
         self.lock = threading.Lock()
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _send(self, status: int, body: Any) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _authorized(self) -> bool:
-                if self.headers.get("Authorization") != f"Token {LS_TOKEN}":
-                    self._send(401, {"detail": "Authentication credentials were not provided."})
-                    return False
-                return True
-
+        class Handler(JsonHandler):
             def do_GET(self) -> None:
                 parts = urlsplit(self.path)
                 with fake.lock:

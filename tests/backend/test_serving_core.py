@@ -13,7 +13,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,8 +22,7 @@ import pytest
 import redis
 
 from backend.settings import Settings
-
-LS_TOKEN = "legacytoken1234567890abcdef"
+from tests.backend.conftest import JsonHandler
 
 
 class ScriptedLabelStudio:
@@ -36,18 +35,7 @@ class ScriptedLabelStudio:
         self.lock = threading.Lock()
         ls = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _send(self, status: int, body: Any) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JsonHandler):
             def do_GET(self) -> None:
                 if urlsplit(self.path).path.rstrip("/") != "/api/predictions":
                     return self._send(404, {"detail": "Not found."})

@@ -20,7 +20,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -35,7 +35,7 @@ from backend.labelstudio.client import LabelStudioClient
 from backend.labelstudio.config import parse_label_config
 from backend.labelstudio.sync import LabelStudioSync, task_regions
 from backend.labelstudio.webhook_setup import configure_webhook
-from tests.backend.conftest import LS_TOKEN, WEBHOOK_SECRET, make_stack, wait_for
+from tests.backend.conftest import LS_TOKEN, WEBHOOK_SECRET, JsonHandler, make_stack, wait_for
 from training.store import Store
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,24 +57,7 @@ class FakeLabelStudioAPI:
         self._next = {"task": 1, "annotation": 1, "prediction": 1}
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _send(self, status: int, body: Any, raw: bytes | None = None, ctype: str = "application/json") -> None:
-                data = raw if raw is not None else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _authorized(self) -> bool:
-                if self.headers.get("Authorization") != f"Token {LS_TOKEN}":
-                    self._send(401, {"detail": "Authentication credentials were not provided."})
-                    return False
-                return True
-
+        class Handler(JsonHandler):
             def do_GET(self) -> None:
                 parts = urlsplit(self.path)
                 path, query = parts.path.rstrip("/"), parse_qs(parts.query)
