@@ -29,7 +29,7 @@ def test_label_studio_down_during_write_back_then_back(tmp_path, flaky_ls, paylo
                    OSPREY_WRITEBACK_RETRIES="8")
     tasks = list(range(7001, 7005))
     try:
-        s.start_worker(delay_s=0.5)
+        s.start_worker(delay_s=2.0)  # longer than the 1 s budget: no task can be answered inline
         s.start_server()
         flaky_ls.stop()  # Label Studio goes away before anything is written
         response = s.post("/predict", batch_body(payloads, configs, tasks))
