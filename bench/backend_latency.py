@@ -10,6 +10,10 @@ RectangleLabels region per request, every request a different box, so none is de
              worker's media cache and the engine's image cache are warm in both cases)
     overhead e2e - engine, paired per request: HTTP, parsing, Redis enqueue, RQ dequeue and
              bookkeeping, publish, wake-up of the waiting request, JSON
+    in-worker the worker's own time for that very job (`elapsed_s` of its output: payload decoding,
+             image from the cache, the model calls), read back from Redis after the run
+    queue overhead  e2e - in-worker, paired per request: the same overhead without the drift between
+             two separate engine measurements (the machine's speed moves by several ms between runs)
 
 Throughput: `--concurrency` clients, with 1 then 2 workers (each worker gets cores/workers torch threads).
 Burst: `--burst` clients (default 200) each send one interactive request at the same moment (2 workers):
@@ -200,6 +204,23 @@ def engine_times(indices: list[int], image_path: Path, repeats: int = 1) -> dict
     return out
 
 
+def worker_times(redis_url: str, prefix: str) -> dict[int, float]:
+    """Request index -> the worker's `elapsed_s` for its job, from the outputs the jobs stored."""
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    out = {}
+    for key in r.scan_iter(f"{prefix}:out:*", count=1000):
+        value = r.get(key)
+        if value is None:
+            continue
+        output = json.loads(value)
+        region = str((output.get("regions") or [{}])[0].get("id", ""))
+        if output.get("ok") and region.startswith("b") and region[1:].isdigit():
+            out[int(region[1:])] = float(output["elapsed_s"])
+    return out
+
+
 def throughput(url: str, first: int, count: int, concurrency: int) -> float:
     with httpx.Client(base_url=url, timeout=300) as client:
         started = time.perf_counter()
@@ -280,6 +301,9 @@ def main() -> int:
             e2e = {i: post(client, i) for i in indices}
         engine = engine_times(indices, image_path)
         overhead = [e2e[i] - engine[i] for i in indices]
+        in_worker = worker_times(redis_url, deployment.prefix)
+        paired = [i for i in indices if i in in_worker]
+        queue_overhead = [e2e[i] - in_worker[i] for i in paired]
 
         rates = {1: throughput(deployment.url, 2_000_000, args.throughput_requests, args.concurrency)}
         deployment.workers[0].send_signal(signal.SIGTERM)
@@ -313,6 +337,11 @@ def main() -> int:
                        "p99": percentile(list(engine.values()), 99) * ms},
             "overhead": {"p50": percentile(overhead, 50) * ms, "p99": percentile(overhead, 99) * ms,
                          "mean": statistics.fmean(overhead) * ms},
+            "in_worker": {"p50": percentile([in_worker[i] for i in paired], 50) * ms,
+                          "p99": percentile([in_worker[i] for i in paired], 99) * ms},
+            "queue_overhead": {"p50": percentile(queue_overhead, 50) * ms,
+                               "p99": percentile(queue_overhead, 99) * ms,
+                               "mean": statistics.fmean(queue_overhead) * ms, "paired": len(paired)},
         },
         "throughput_rps": {f"{w}_worker{'s' if w > 1 else ''}": rates[w] for w in sorted(rates)},
         "concurrency": args.concurrency,
@@ -329,6 +358,9 @@ def main() -> int:
     print(f"{'engine alone':<28}{lat['engine']['p50']:>10.1f}{lat['engine']['p99']:>10.1f}")
     print(f"{'overhead (paired)':<28}{lat['overhead']['p50']:>10.1f}{lat['overhead']['p99']:>10.1f}"
           f"   (target p50 <= 10 ms)")
+    print(f"{'in-worker time of the job':<28}{lat['in_worker']['p50']:>10.1f}{lat['in_worker']['p99']:>10.1f}")
+    print(f"{'e2e - in-worker (paired)':<28}{lat['queue_overhead']['p50']:>10.1f}"
+          f"{lat['queue_overhead']['p99']:>10.1f}   ({lat['queue_overhead']['paired']} requests)")
     print(f"throughput, {args.concurrency} concurrent clients: "
           + ", ".join(f"{k.replace('_', ' ')}: {v:.1f} req/s" for k, v in result["throughput_rps"].items()))
     if bursts:

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from backend.auth import auth_dependency, webhook_dependency
@@ -347,9 +348,10 @@ def create_router(state: AppState) -> APIRouter:
         ensure_webhook_secret(settings, body.project)  # background, once per project (learning loop)
         return {"model_version": state.model_version(wait_s=settings.osprey_setup_wait_s)}
 
-    @router.post("/predict", dependencies=[Depends(require_auth)])
-    def predict(body: PredictRequest) -> dict[str, Any]:
-        return backend.predict(body)
+    @router.post("/predict", dependencies=[Depends(require_auth)], response_class=JSONResponse)
+    def predict(body: PredictRequest) -> JSONResponse:
+        # Plain JSON types already: a JSONResponse skips FastAPI's re-encoding and validation of the answer.
+        return JSONResponse(backend.predict(body))
 
     @router.post("/webhook", status_code=201, dependencies=[Depends(require_webhook)])
     def webhook(event: WebhookEvent) -> dict[str, Any]:

@@ -381,14 +381,15 @@ class JobQueue:
             return self.hold_queue(spec.group)
         return self.queues[spec.kind]
 
-    def feed(self, target: int | None = None) -> int:
+    def feed(self, target: int | None = None, client: Any = None) -> int:
         """Top the batch queue up to `target` jobs (default twice the live workers, at least 2), taking
-        one job per group in turn. Cheap when nothing waits; returns the number of jobs moved."""
+        one job per group in turn. Cheap when nothing waits; returns the number of jobs moved
+        (with a pipeline as `client`, the command is only queued on it)."""
         if target is None:
             target = max(2, 2 * self.live_worker_count(cached=True))
         moved = self._feed(keys=[self.batch.key, self.keys.batch_ring],
-                           args=[target, "rq:queue:" + self.keys.batch_hold(""), self.batch.name])
-        return int(moved or 0)
+                           args=[target, "rq:queue:" + self.keys.batch_hold(""), self.batch.name], client=client)
+        return int(moved or 0) if client is None else 0
 
     def hold_depth(self) -> int:
         """Batch jobs still waiting in the groups' hold queues."""
@@ -403,14 +404,23 @@ class JobQueue:
     def batch_depth(self) -> int:
         return int(self.connection.llen(self.batch.key)) + self.hold_depth()
 
-    def acquire_batch_slot(self, worker: str, ttl_s: float) -> bool:
+    def acquire_batch_slot(self, worker: str, ttl_s: float, client: Any = None) -> bool:
         """Whether `worker` may take a batch job now; holding a slot for `ttl_s` (refresh while running).
 
-        Slots = live prediction workers minus OSPREY_INTERACTIVE_RESERVED_WORKERS, at least one."""
+        Slots = live prediction workers minus OSPREY_INTERACTIVE_RESERVED_WORKERS, at least one.
+        (With a pipeline as `client`, the command is only queued on it.)"""
         reserved = int(_setting(self.settings, "osprey_interactive_reserved_workers", 1))
         capacity = max(1, self.live_worker_count(cached=True) - max(0, reserved))
         now = time.time()
-        return bool(self._slot(keys=[self.keys.batch_slots], args=[worker, capacity, now, now + ttl_s]))
+        granted = self._slot(keys=[self.keys.batch_slots], args=[worker, capacity, now, now + ttl_s], client=client)
+        return bool(granted) if client is None else False
+
+    def feed_and_acquire(self, worker: str, ttl_s: float) -> bool:
+        """`feed` then `acquire_batch_slot`, in one round trip: what a worker does before every dequeue."""
+        pipe = self.connection.pipeline(transaction=False)
+        self.feed(client=pipe)
+        self.acquire_batch_slot(worker, ttl_s, client=pipe)
+        return bool(pipe.execute()[-1])
 
     def release_batch_slot(self, worker: str) -> None:
         self.connection.zrem(self.keys.batch_slots, worker)
@@ -653,10 +663,20 @@ class JobQueue:
         return True
 
     def count_run(self, job_id: str) -> int:
+        return self.job_starting(job_id, "")[0]
+
+    def job_starting(self, job_id: str, default_source: str, release_slot_of: str | None = None) -> tuple[int, str]:
+        """At the start of a job, in one round trip: count its run, read the announced model source
+        (`wanted_model_source`) and, with `release_slot_of`, free that worker's batch slot.
+        Returns (runs so far, model source)."""
         pipe = self.connection.pipeline(transaction=False)
         pipe.hincrby(self.keys.job_runs, job_id, 1)
         pipe.expire(self.keys.job_runs, max(self.result_ttl, 3600))
-        return int(pipe.execute()[0])
+        pipe.get(self.keys.model_source)
+        if release_slot_of is not None:
+            pipe.zrem(self.keys.batch_slots, release_slot_of)
+        runs, _, source = pipe.execute()[:3]
+        return int(runs), source.decode() if source is not None else default_source
 
     def bump(self, counter: str, amount: int = 1) -> None:
         self.connection.hincrby(self.keys.stats, counter, amount)

@@ -67,7 +67,7 @@ from rq.queue import Queue
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 from rq.utils import import_attribute
-from rq.worker import SimpleWorker
+from rq.worker import SimpleWorker, WorkerStatus
 
 from backend.queue import handlers as jobs
 from backend.queue.jobs import BATCH, INTERACTIVE, KINDS, WRITEBACK, JobQueue
@@ -152,9 +152,11 @@ class WorkerRuntime:
         except RedisError as exc:
             logger.warning("could not record the model swap in Redis: %s", exc)
 
-    def refresh_model(self) -> None:
-        """Load the announced model source if it differs from the one held (a promotion happened)."""
-        wanted = self.queue.wanted_model_source(self.settings.osprey_model)
+    def refresh_model(self, wanted: str | None = None) -> None:
+        """Load the announced model source (`wanted`, else read from Redis) if it differs from the one held
+        (a promotion happened)."""
+        if wanted is None:
+            wanted = self.queue.wanted_model_source(self.settings.osprey_model)
         if wanted == self.source or wanted == self._failed_source:
             return
         try:
@@ -200,6 +202,30 @@ class OspreyWorker(SimpleWorker):
         self._batch_queue = next((q for q in queues if q.name == runtime.queue.batch.name), None)
         self.hang_grace_s = float(getattr(runtime.settings, "osprey_job_hang_grace_s", 60.0) or 60.0)
         self._native_hang = _native_hang_hook()
+        self._slot_to_release = False  # an interactive job came while holding a batch slot
+        self._idle_pending = False  # the "idle" state goes out with the next heartbeat
+
+    # RQ writes the worker's heartbeat as three commands and its "idle" state as a fourth, each a round trip,
+    # up to three times per job; here each heartbeat is one pipeline that also carries a pending "idle".
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline)
+            return
+        with self.connection.pipeline() as pipe:
+            if self._idle_pending:
+                super().set_state(WorkerStatus.IDLE, pipe)
+            super().heartbeat(timeout, pipe)
+            pipe.execute()
+        self._idle_pending = False
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        """RQ follows every "idle" with a heartbeat (after a job, and before each dequeue): send them together."""
+        if state == WorkerStatus.IDLE and pipeline is None:
+            self._state = state
+            self._idle_pending = True
+            return
+        self._idle_pending = False
+        super().set_state(state, pipeline)
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None,
                                      max_idle_time: int | None = None) -> tuple[Job, Queue] | None:
@@ -209,8 +235,7 @@ class OspreyWorker(SimpleWorker):
         while True:
             queue = self.runtime.queue
             try:
-                queue.feed()
-                may_batch = queue.acquire_batch_slot(self.name, 3 * self.heartbeat_s)
+                may_batch = queue.feed_and_acquire(self.name, 3 * self.heartbeat_s)
             except RedisError:
                 may_batch = True  # RQ's own loop below waits for Redis to come back
             self._ordered_queues = [q for q in self._all_queues if may_batch or q is not self._batch_queue]
@@ -220,7 +245,10 @@ class OspreyWorker(SimpleWorker):
                 wait = min(int(timeout), self.heartbeat_s)
                 result = super().dequeue_job_and_maintain_ttl(wait, wait)
             if may_batch and (result is None or result[1].name != self._batch_queue.name):
-                self._release_slot()
+                if result is None:
+                    self._release_slot()
+                else:  # freed in the same round trip that starts the job (perform_job)
+                    self._slot_to_release = True
             if result is not None or timeout is None or self._stop_requested:
                 return result
 
@@ -244,11 +272,13 @@ class OspreyWorker(SimpleWorker):
         beat = threading.Thread(target=self._beat, args=(job, execution, stop), daemon=True,
                                 name="osprey-heartbeat")
         beat.start()
+        release, self._slot_to_release = self._slot_to_release, False
         try:
             try:
-                self.runtime.queue.count_run(job.id)
+                _, wanted = self.runtime.queue.job_starting(job.id, self.runtime.settings.osprey_model,
+                                                            release_slot_of=self.name if release else None)
                 if self.runtime.engine is not None:
-                    self.runtime.refresh_model()
+                    self.runtime.refresh_model(wanted)
             except RedisError:
                 logger.warning("could not check the announced model version; keeping %s", self.runtime.source)
             if self.test_job_delay_s:

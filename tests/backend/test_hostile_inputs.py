@@ -126,8 +126,10 @@ def test_large_label_sets_are_scored_in_chunks_that_merge_exactly(engine, image,
         assert b.label == a.label
         assert b.score == pytest.approx(a.score, rel=1e-6)
         assert sum(b.scores.values()) == pytest.approx(1.0)
+        # A chunk is a shorter packed sequence, so fp32 sums run in another order: log-likelihoods of
+        # magnitude ~10 then differ in the 6th-7th digit (measured 1.4e-6 relative on one CPU, 0 on another).
         for label in labels:
-            assert b.scores[label] == pytest.approx(a.scores[label], rel=1e-6, abs=1e-12)
+            assert b.scores[label] == pytest.approx(a.scores[label], rel=1e-5, abs=1e-12)
 
 
 def test_label_set_limits_are_4xx_at_parse_and_in_the_service():
