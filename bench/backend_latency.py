@@ -25,6 +25,7 @@ embedded Redis is started in a temporary directory.
     python bench/backend_latency.py                  # table
     python bench/backend_latency.py --json
     python bench/backend_latency.py --redis-url redis://127.0.0.1:6379/0 --requests 300
+    git worktree add /tmp/old 300a425 && python bench/backend_latency.py --code /tmp/old --burst 0   # A/B
 """
 
 from __future__ import annotations
@@ -92,8 +93,9 @@ def body(i: int) -> dict:
 
 
 class Deployment:
-    def __init__(self, redis_url: str, workdir: Path):
+    def __init__(self, redis_url: str, workdir: Path, code: Path = REPO):
         self.workdir = workdir
+        self.code = code  # the checkout whose server and worker run (`--code`: compare commits side by side)
         self.prefix = f"bench-{uuid.uuid4().hex[:8]}"
         self.port = free_port()
         base = {k: v for k, v in os.environ.items() if not k.startswith(("OSPREY_", "BASIC_AUTH_", "LABEL_STUDIO_"))}
@@ -106,7 +108,7 @@ class Deployment:
 
     def spawn(self, args: list[str], env: dict[str, str]) -> subprocess.Popen:
         log = open(self.workdir / f"{args[0]}{len(self.procs)}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen([sys.executable, "-m", "backend.cli", *args], cwd=REPO, env=env, stdout=log,
+        proc = subprocess.Popen([sys.executable, "-m", "backend.cli", *args], cwd=self.code, env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
         self.procs.append(proc)
         return proc
@@ -215,7 +217,8 @@ def worker_times(redis_url: str, prefix: str) -> dict[int, float]:
         if value is None:
             continue
         output = json.loads(value)
-        region = str((output.get("regions") or [{}])[0].get("id", ""))
+        # Outputs name their regions; before the serving-core restructure they carried the LS result instead.
+        region = str((output.get("regions") or output.get("prediction", {}).get("result") or [{}])[0].get("id", ""))
         if output.get("ok") and region.startswith("b") and region[1:].isdigit():
             out[int(region[1:])] = float(output["elapsed_s"])
     return out
@@ -275,6 +278,8 @@ def main() -> int:
     parser.add_argument("--throughput-requests", type=int, default=200)
     parser.add_argument("--burst", type=int, default=200, help="simultaneous interactive clients (0: skip)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--code", type=Path, default=REPO,
+                        help="run server and worker from this checkout (e.g. a `git worktree` of an older commit)")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
 
@@ -290,7 +295,7 @@ def main() -> int:
 
         embedded = EmbeddedRedis(workdir / "data").start()
         redis_url = embedded.url
-    deployment = Deployment(redis_url, workdir)
+    deployment = Deployment(redis_url, workdir, args.code.resolve())
     try:
         deployment.start_worker(threads=cores)
         deployment.start_server()

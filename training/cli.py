@@ -29,6 +29,8 @@ def register(subparsers) -> None:
                    help="prompt style of the Osprey-724K-style files")
     t.add_argument("--out", required=True, help="output model directory (rerun to resume a killed run)")
     t.add_argument("--mode", choices=["lora", "full"], default="lora")
+    t.add_argument("--train-vision", action="store_true",
+                   help="also train the vision tower (Osprey keeps it frozen; for a tower that was never trained)")
     t.add_argument("--tasks", default="category,attributes,short,detailed,posneg",
                    help="comma-separated: category, attributes, short, detailed, posneg")
     t.add_argument("--held-out", type=float, default=0.2, help="fraction of images kept out of training")
@@ -79,6 +81,7 @@ def _train(args) -> int:
         mode=args.mode, lr=args.lr, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, warmup_ratio=args.warmup_ratio, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, system=args.system, seed=args.seed, save_every=args.save_every,
+        train_vision=args.train_vision,
     )
     result = finetune.train(args.base, samples, args.out, cfg, device=args.device,
                             progress=not args.no_progress, metadata={"held_out_images": held_keys})

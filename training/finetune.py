@@ -66,6 +66,9 @@ class TrainConfig:
     # Modules trained in full besides LoRA (always in "full" mode, with the LLM).
     train_extractor: bool = True
     train_projector: bool = True
+    # The vision tower stays frozen in every Osprey stage; a model whose tower was never trained (the demo
+    # preset, random init) needs it trained, or region features carry colour but hardly any shape.
+    train_vision: bool = False
     system: str = "osprey_v1"
     max_length: int = 2048
     seed: int = 0
@@ -115,17 +118,28 @@ def cosine_lr(step: int, total: int, warmup: int, base: float) -> float:
 
 
 class _VisionCache:
-    """Frozen vision features per image key (LRU)."""
+    """Frozen vision features per image key (LRU); a trained tower is run on every sample instead."""
 
     def __init__(self, model, size: int):
         self.model, self.size = model, size
         self.items: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
 
-    @torch.no_grad()
     def levels(self, sample: Sample) -> dict[str, torch.Tensor]:
+        tower = self.model.model.vision_tower
+        if any(p.requires_grad for p in tower.parameters()):  # trained: run it (with gradients) every time
+            return {k: v[0] for k, v in tower(self.pixels(sample)[None]).items()}
         if sample.image_key in self.items:
             self.items.move_to_end(sample.image_key)
             return self.items[sample.image_key]
+        with torch.no_grad():
+            feats = {k: v[0] for k, v in tower(self.pixels(sample)[None]).items()}
+        self.items[sample.image_key] = feats
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+        return feats
+
+    def pixels(self, sample: Sample) -> torch.Tensor:
+        """The preprocessed image (3, S, S), checked against its regions' size."""
         from PIL import Image
 
         from osprey_core.image_processing import preprocess, to_pil
@@ -139,12 +153,7 @@ class _VisionCache:
             raise DatasetError(f"{sample.image} is {pil.size[0]}x{pil.size[1]}, its regions are at "
                                f"{sample.width}x{sample.height}")
         tower = self.model.model.vision_tower
-        pixels = preprocess(pil, self.model.cfg.vision).to(self.model.device, tower.trunk.stem[0].weight.dtype)
-        feats = {k: v[0] for k, v in tower(pixels[None]).items()}
-        self.items[sample.image_key] = feats
-        while len(self.items) > self.size:
-            self.items.popitem(last=False)
-        return feats
+        return preprocess(pil, self.model.cfg.vision).to(self.model.device, tower.trunk.stem[0].weight.dtype)
 
 
 def _decode_masks(sample: Sample, device) -> torch.Tensor:
@@ -228,6 +237,8 @@ def prepare_model(model, config: TrainConfig):
         model.mask_extractor.requires_grad_(True)
     if config.train_projector:
         model.model.mm_projector.requires_grad_(True)
+    if config.train_vision:
+        model.model.vision_tower.requires_grad_(True)
     for p in model.parameters():  # master weights of what is trained stay fp32 (autocast does bf16)
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()

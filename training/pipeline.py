@@ -87,7 +87,7 @@ def _train_config(policy: TrainingSettings):
 
     return TrainConfig(mode=policy.osprey_train_mode, lr=policy.osprey_train_lr, steps=policy.osprey_train_steps,
                        epochs=policy.osprey_train_epochs, batch_size=policy.osprey_train_batch_size,
-                       seed=policy.osprey_train_seed, save_every=25)
+                       seed=policy.osprey_train_seed, save_every=25, train_vision=policy.osprey_train_vision)
 
 
 def run_training(ctx: TrainingContext, project: str, reason: str = "", job_id: str | None = None) -> dict[str, Any]:

@@ -65,6 +65,8 @@ class TrainingSettings(BaseSettings):
     osprey_train_epochs: float = Field(3.0, description="Epochs over the project's training split.")
     osprey_train_lr: float | None = Field(None, description="Learning rate (default by mode).")
     osprey_train_batch_size: int = Field(8, description="Micro-batch size.")
+    osprey_train_vision: bool = Field(False, description="Also train the vision tower (frozen in every Osprey "
+                                                         "stage; for a tower that was never trained).")
     osprey_train_tasks: str = Field("category,attributes,short,detailed",
                                     description="Conversations built from corrections (dataset.TASKS).")
     osprey_train_held_out: float = Field(0.2, description="Share of images held out for the gate.")

@@ -14,7 +14,6 @@ import json
 import pytest
 
 from tests.backend.test_sync import FakeLabelStudioAPI
-from tests.demo.conftest import needs_demo_model
 from tests.training import test_loop as loop_tools
 from training import demo_model, synthetic
 
@@ -41,7 +40,11 @@ def annotation(scene) -> list[dict]:
     return [r for r in result if r["from_name"] in ("category", "color", "caption")]
 
 
-@needs_demo_model
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 9 open: the shipped demo model cannot tell a small hexagon from a circle (its position mask is "
+    "32x32 for a 128 px image), so retraining on these corrections turns circles (and at first hearts) into "
+    "hexagons and the gate refuses the candidate (measured: hexagon 51-80 %, circle 12-31 % after 80-600 "
+    "steps); strict, so the day it passes it must be un-marked"))
 def test_fifty_hexagon_corrections_teach_the_demo_model_hexagons(tmp_path):
     model_dir = tmp_path / "data"
     base = demo_model.ensure_registered(model_dir)

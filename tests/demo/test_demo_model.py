@@ -13,7 +13,6 @@ import json
 import numpy as np
 import pytest
 
-from tests.demo.conftest import needs_demo_model
 from training import demo_model, synthetic
 
 pytestmark = pytest.mark.timeout(900)
@@ -24,7 +23,6 @@ def report(tmp_path_factory):
     return demo_model.held_out_accuracy(demo_model.shipped_model(), workdir=tmp_path_factory.mktemp("held"))
 
 
-@needs_demo_model
 def test_the_shipped_demo_model_meets_its_targets_on_the_held_out_seed(report):
     assert report["seed"] != json.loads((demo_model.SHIPPED_DIR / demo_model.RECIPE_FILE).read_text())["seed"]
     assert report["n"] >= 100
@@ -34,7 +32,6 @@ def test_the_shipped_demo_model_meets_its_targets_on_the_held_out_seed(report):
     assert set(report["per_shape"]) == set(demo_model.TRAIN_SHAPES)
 
 
-@needs_demo_model
 def test_the_shipped_demo_model_has_never_seen_a_hexagon(tmp_path):
     metrics = json.loads((demo_model.SHIPPED_DIR / "metrics.json").read_text())
     assert "hexagon" in metrics["labels"]  # the word is in its label set, the class is not in its data
@@ -43,7 +40,6 @@ def test_the_shipped_demo_model_has_never_seen_a_hexagon(tmp_path):
     assert hexagons["category"] <= 0.2, hexagons
 
 
-@needs_demo_model
 def test_the_recorded_accuracy_is_what_the_model_does_now(report):
     recorded = json.loads((demo_model.SHIPPED_DIR / demo_model.ACCURACY_FILE).read_text())
     assert recorded["model_version"] == report["model_version"]

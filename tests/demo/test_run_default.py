@@ -17,7 +17,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.demo.conftest import needs_demo_model
 from training import demo_model, synthetic
 
 pytestmark = pytest.mark.timeout(600)
@@ -58,7 +57,6 @@ def region_item(scene, k: int) -> dict:
             "value": {"format": "rle", "rle": rle, "brushlabels": []}}
 
 
-@needs_demo_model
 def test_osprey_run_serves_the_demo_model_on_a_clean_model_dir(tmp_path):
     files = tmp_path / "files"
     scene = synthetic.generate_scene(demo_model.HELD_OUT_SEED + 1, 0, shapes=demo_model.TRAIN_SHAPES,

@@ -37,7 +37,7 @@ LABELS = LabelSpace(CLASSES)
 BASE = finetune.TrainConfig(mode="full", lr=2e-3, steps=90, batch_size=16, warmup_ratio=0.05, save_every=0)
 # The correction run fine-tunes in full (the demo model is small); LoRA's mechanics (save, merge at load,
 # same logits) are tests/training/test_finetune.py's.
-TUNE = finetune.TrainConfig(mode="full", lr=1e-3, steps=60, batch_size=16, warmup_ratio=0.05, save_every=0)
+TUNE = finetune.TrainConfig(mode="full", lr=5e-4, steps=80, batch_size=16, warmup_ratio=0.05, save_every=0)
 
 
 def world(root: Path, name: str, n: int, seed: int, shapes) -> list[RegionExample]:
