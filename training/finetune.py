@@ -118,27 +118,31 @@ def cosine_lr(step: int, total: int, warmup: int, base: float) -> float:
 
 
 class _VisionCache:
-    """Frozen vision features per image key (LRU); a trained tower is run on every sample instead."""
+    """Per image key (LRU): the frozen tower's features, or, while the tower is trained and so must run
+    on every sample, the decoded and preprocessed image."""
 
     def __init__(self, model, size: int):
         self.model, self.size = model, size
-        self.items: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self.items: OrderedDict[str, Any] = OrderedDict()
 
     def levels(self, sample: Sample) -> dict[str, torch.Tensor]:
         tower = self.model.model.vision_tower
-        if any(p.requires_grad for p in tower.parameters()):  # trained: run it (with gradients) every time
-            return {k: v[0] for k, v in tower(self.pixels(sample)[None]).items()}
+        if tower.trainable:
+            return {k: v[0] for k, v in tower(self._cached(sample, self._pixels)[None]).items()}
+        return self._cached(sample, lambda s: {k: v[0] for k, v in tower(self._pixels(s)[None]).items()})
+
+    def _cached(self, sample: Sample, make: Callable[[Sample], Any]) -> Any:
         if sample.image_key in self.items:
             self.items.move_to_end(sample.image_key)
             return self.items[sample.image_key]
-        with torch.no_grad():
-            feats = {k: v[0] for k, v in tower(self.pixels(sample)[None]).items()}
-        self.items[sample.image_key] = feats
+        value = make(sample)
+        self.items[sample.image_key] = value
         while len(self.items) > self.size:
             self.items.popitem(last=False)
-        return feats
+        return value
 
-    def pixels(self, sample: Sample) -> torch.Tensor:
+    @torch.no_grad()
+    def _pixels(self, sample: Sample) -> torch.Tensor:
         """The preprocessed image (3, S, S), checked against its regions' size."""
         from PIL import Image
 

@@ -662,9 +662,6 @@ class JobQueue:
                                  output["error"]["message"])
         return True
 
-    def count_run(self, job_id: str) -> int:
-        return self.job_starting(job_id, "")[0]
-
     def job_starting(self, job_id: str, default_source: str, release_slot_of: str | None = None) -> tuple[int, str]:
         """At the start of a job, in one round trip: count its run, read the announced model source
         (`wanted_model_source`) and, with `release_slot_of`, free that worker's batch slot.

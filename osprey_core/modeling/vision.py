@@ -122,13 +122,18 @@ class CLIPConvNeXtTower(nn.Module):
     def trunk(self) -> ConvNeXtTrunk:
         return self.vision_tower.visual.trunk
 
+    @property
+    def trainable(self) -> bool:
+        """Whether its weights are being trained (`TrainConfig.train_vision`); frozen everywhere else."""
+        return self.trunk.stem[0].weight.requires_grad
+
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """pixel_values (B,3,S,S) -> res2..res5 feature maps at strides 4, 8, 16, 32.
 
         Without gradients, as in the original (the tower is frozen in every Osprey stage), unless its
         weights were made trainable (training a never-trained tower: `TrainConfig.train_vision`)."""
         trunk = self.trunk
-        with torch.set_grad_enabled(torch.is_grad_enabled() and trunk.stem[0].weight.requires_grad):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
             x = trunk.stem(pixel_values.to(trunk.stem[1].bias.dtype))
             feats = {}
             for i, stage in enumerate(trunk.stages):
