@@ -187,7 +187,7 @@ def _build_parser() -> argparse.ArgumentParser:
     register_demo_cli(sub)  # osprey demo-model, osprey demo-data
     from training.cli import register as register_train_cli
 
-    register_train_cli(sub)  # osprey train
+    register_train_cli(sub)  # osprey train, osprey eval
     from training.models_cli import register_models_cli
 
     register_models_cli(sub)  # osprey models list|show|promote|rollback
@@ -262,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
         elif args.command == "run":
             run_all(settings)
-        elif args.command == "train":
+        elif args.command in ("train", "eval"):
             from training.cli import run as run_train
 
             return run_train(args)

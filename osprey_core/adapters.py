@@ -130,8 +130,14 @@ def load_adapter(path: str | Path, device: str | torch.device = "cpu", dtype=Non
         raise CheckpointError(f"adapter {path} names itself as its base")
     # Merge in fp32 on the CPU (exact), then move: the merged model is what gets served.
     model, _, cfg = load_model(source, device="cpu", dtype=torch.float32, vision_tower_file=vision_tower_file)
-    version = weights_fingerprint(model)
-    if ref.get("version") and ref["version"] != version:
+    recorded = ref.get("version")
+    if recorded and "-" not in recorded:  # adapters written before versions were content-addressed
+        version = weights_fingerprint(model)
+    else:
+        from .versioning import version_of_source
+
+        version = version_of_source(source)  # cached file hashes: a large base is not re-read per start
+    if recorded and recorded != version:
         raise CheckpointError(f"adapter {path} was trained on base version {ref['version']}, but {source} "
                               f"is version {version}: point {BASE_FILE} at the right base")
     for name in (ADAPTER_WEIGHTS, MODULES_WEIGHTS):

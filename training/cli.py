@@ -1,4 +1,5 @@
-"""`osprey train`: argparse wiring for the fine-tuning command (`osprey demo-data` is training/demo_model.py's).
+"""`osprey train` and `osprey eval`: argparse wiring for fine-tuning and held-out evaluation
+(`osprey demo-data` is training/demo_model.py's).
 
 `register(subparsers)` adds the subcommands to the `osprey` CLI; `run(args)` executes one and returns the
 exit status. `python -m training.cli train ...` works alone too, which is what
@@ -51,11 +52,32 @@ def register(subparsers) -> None:
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(training_command="train")
 
+    e = subparsers.add_parser("eval", help="measure a model on held-out regions (metrics.json)",
+                              description="Evaluate a model on region examples: accuracy, macro-F1, per-label "
+                                          "accuracy, ECE/NLL before and after fitting the score temperature, "
+                                          "both scoring rules side by side, attribute accuracy, SS and S-IoU "
+                                          "of descriptions. Writes metrics.json.")
+    e.add_argument("model", help="preset, model directory, adapter directory or registry version directory")
+    e.add_argument("--data", action="append", required=True, metavar="FILE", help="regions.jsonl; repeatable")
+    e.add_argument("--labels", metavar="FILE", help="label_space.json (default: the labels the data shows)")
+    e.add_argument("--split", choices=["held-out", "all"], default="held-out",
+                   help="held-out: the images `osprey train` with the same --held-out/--seed kept out (default)")
+    e.add_argument("--held-out", type=float, default=0.2, help="fraction of images held out (as in train)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--no-descriptions", action="store_true", help="skip SS / S-IoU (generation is the slow part)")
+    e.add_argument("--out", help="metrics.json path or folder (default: print only)")
+    e.add_argument("--apply-temperature", action="store_true",
+                   help="store the fitted temperature in the model directory's config (calibrated scores; "
+                        "the model gets a new version id)")
+    e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(training_command="eval")
+
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _train(args)
+        return _eval(args) if getattr(args, "training_command", "train") == "eval" else _train(args)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -87,6 +109,46 @@ def _train(args) -> int:
                             progress=not args.no_progress, metadata={"held_out_images": held_keys})
     print(json.dumps({"out": str(result.out_dir), "steps": result.steps, "final_loss": result.final_loss,
                       "resumed_from": result.resumed_from, "encode": result.encode}, indent=2))
+    return 0
+
+
+def _eval(args) -> int:
+    from tqdm import tqdm
+
+    from osprey_core import load_engine
+
+    from . import dataset, synthetic
+    from .evaluate import apply_temperature, better_scoring, evaluate, write_metrics
+    from .pipeline import label_space_of
+
+    examples = [e for file in args.data for e in synthetic.read_region_examples(file)]
+    if args.split == "held-out":
+        _, examples = dataset.split_by_image(examples, args.held_out, args.seed)
+    labels = (LabelSpace.from_dict(json.loads(Path(args.labels).read_text())) if args.labels
+              else label_space_of(examples))
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    engine = load_engine(args.model, device=device)
+    bar = tqdm(desc="evaluating", unit="image", disable=args.no_progress)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    metrics = evaluate(engine, examples, labels, descriptions=not args.no_descriptions, progress=progress)
+    bar.close()
+    report = {"model_version": metrics.model_version, "regions": metrics.n, "accuracy": metrics.accuracy,
+              "macro_f1": metrics.macro_f1, "ece_before": metrics.ece_before, "ece_after": metrics.ece_after,
+              "temperature": metrics.temperature, "scoring": metrics.scoring,
+              "better_scoring": better_scoring(metrics.scoring),
+              "attributes": metrics.attributes, "descriptions": metrics.descriptions}
+    if args.out:
+        out = Path(args.out)
+        report["metrics"] = str(write_metrics(metrics, out))
+    if args.apply_temperature:
+        report["config"] = str(apply_temperature(args.model, metrics))
+    print(json.dumps(report, indent=2))
     return 0
 
 

@@ -17,7 +17,7 @@ import math
 import os
 import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +151,19 @@ def classification_metrics(gold: Sequence[str], logits: np.ndarray, labels: Sequ
     }
 
 
+def scoring_summary(gold: Sequence[str], logits: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+    """One scoring rule's held-out quality: accuracy, macro-F1, and NLL / ECE at its fitted temperature."""
+    m = classification_metrics(gold, logits, labels)
+    return {k: m[k] for k in ("accuracy", "macro_f1", "temperature", "nll_after", "ece_after")}
+
+
+def better_scoring(scoring: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The scoring rule the numbers favour: higher accuracy, then lower calibrated NLL (None: no numbers)."""
+    if not scoring:
+        return None
+    return min(scoring, key=lambda mode: (-scoring[mode]["accuracy"], scoring[mode]["nll_after"], mode))
+
+
 # --- descriptions: SS and S-IoU (osprey/eval/lvis_paco_eval.py) ----------------------------------------
 
 
@@ -250,6 +263,9 @@ class Metrics:
     labels: list[str] = field(default_factory=list)
     split_fingerprint: str = ""
     model_version: str | None = None
+    # Both scoring rules on the same answers ("sum": sequence log-likelihoods, "mean": per-token means),
+    # each with its own fitted temperature: the evidence for which one a model should serve with.
+    scoring: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -324,6 +340,7 @@ def evaluate(engine, examples: Sequence[RegionExample], label_space: LabelSpace,
     cfg = getattr(getattr(engine, "model", None), "cfg", None)
     temperature = float(getattr(cfg, "score_temperature", 1.0))
     length_normalized = bool(getattr(cfg, "score_length_normalized", False))
+    both: dict[str, list[list[float]]] = {"sum": [], "mean": []}
     groups = _by_image(examples)
     for done, idx in enumerate(groups.values()):
         group = [examples[i] for i in idx]
@@ -335,6 +352,8 @@ def evaluate(engine, examples: Sequence[RegionExample], label_space: LabelSpace,
             for k, c in zip(with_cat, res, strict=True):
                 gold.append(group[k].category)
                 rows.append(_score_logits(c, labels, length_normalized))
+                both["sum"].append(_score_logits(c, labels, False))
+                both["mean"].append(_score_logits(c, labels, True))
         for name, values in label_space.attributes.items():
             asked = [k for k, e in enumerate(group) if e.attributes.get(name)]
             if not asked or not values:
@@ -352,11 +371,12 @@ def evaluate(engine, examples: Sequence[RegionExample], label_space: LabelSpace,
         if progress is not None:
             progress(done + 1, len(groups))
     cls = classification_metrics(gold, np.array(rows), labels, temperature=temperature)
+    scoring = {mode: scoring_summary(gold, np.array(r), labels) for mode, r in both.items()}
     desc = {d: description_metrics(p, r, encoder) for d, (p, r) in texts.items() if p}
     attrs = {name: {"n": len(h), "accuracy": float(np.mean(h))} for name, h in attr_hits.items()}
     return Metrics(**cls, attributes=attrs, descriptions=desc, labels=labels,
                    split_fingerprint=split_fingerprint(scored),
-                   model_version=getattr(engine, "model_version", None))
+                   model_version=getattr(engine, "model_version", None), scoring=scoring)
 
 
 def write_metrics(metrics: Metrics | dict[str, Any], path: str | os.PathLike) -> Path:

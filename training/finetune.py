@@ -352,7 +352,8 @@ def train(
     from tqdm import tqdm
 
     from osprey_core import adapters, checkpoint
-    from osprey_core.factory import load_model, weights_fingerprint
+    from osprey_core.factory import load_model
+    from osprey_core.versioning import version_of_source
 
     config = config or TrainConfig()
     out = Path(out_dir)
@@ -363,7 +364,9 @@ def train(
 
     frozen_dtype = torch.float32 if (cpu or config.mode == "full") else torch.bfloat16
     model, tokenizer, _ = load_model(base, device="cpu", dtype=frozen_dtype)
-    base_version = weights_fingerprint(model)
+    # The base's content-addressed version (cached file hashes), not a digest of the tensors as loaded
+    # here: those depend on the dtype (bf16 on GPU), and the adapter is checked against an fp32 load.
+    base_version = version_of_source(base)
     encoded, stats = encode_all(samples, tokenizer, config.system, config.max_length)
     if stats.mismatched or stats.too_long:
         logger.warning("dropped %d samples whose tokenization disagreed with their rounds and %d too long ones",

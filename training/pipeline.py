@@ -13,6 +13,7 @@ stable as corrections arrive).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -118,9 +119,10 @@ def run_training(ctx: TrainingContext, project: str, reason: str = "", job_id: s
 def _run_locked(ctx: TrainingContext, lock: TrainingLock, project: str, reason: str, job_id: str | None
                 ) -> dict[str, Any]:
     from osprey_core import load_engine
+    from osprey_core.versioning import version_of_source
 
     from .dataset import TASKS, build_samples, dataset_fingerprint, split_by_image
-    from .evaluate import evaluate
+    from .evaluate import apply_temperature, evaluate
     from .finetune import train
 
     policy, settings = ctx.policy, ctx.settings
@@ -150,14 +152,25 @@ def _run_locked(ctx: TrainingContext, lock: TrainingLock, project: str, reason: 
     current = load_engine(source, device=device)
     cur_metrics = evaluate(current, held, labels, **evaluate_kwargs)
     del current
-    version = cand_metrics.model_version
+    # Calibrate: the temperature fitted (by NLL) on the held-out split goes into the candidate's config
+    # (so its scores are calibrated, and the config being hashed, the version id covers it), unless it
+    # makes the calibration error worse on that split (few, confidently wrong regions can do that).
+    # Accuracy and the gate's numbers do not depend on it (a positive temperature keeps every argmax).
+    calibrated = cand_metrics.ece_after <= cand_metrics.ece_before
+    calibration = {"applied": calibrated, "temperature": cand_metrics.temperature,
+                   "ece_before": cand_metrics.ece_before, "ece_after": cand_metrics.ece_after}
+    if calibrated:
+        apply_temperature(run_dir, cand_metrics)
+    version = version_of_source(str(run_dir))
+    cand_metrics = dataclasses.replace(cand_metrics, model_version=version)
     info = ctx.registry.register(run_dir, version=version, dataset_fingerprint=fingerprint, base=source,
                                  metrics=cand_metrics, extra={"project": project, "reason": reason, "job": job_id,
                                                               "steps": result.steps, "final_loss": result.final_loss})
     out: dict[str, Any] = {"version": info.version, "base": source, "examples": len(examples),
                            "train_regions": len(train_ex), "held_out_regions": len(held), "samples": len(samples),
                            "steps": result.steps, "train_seconds": round(result.seconds, 2),
-                           "candidate": _summary(cand_metrics), "current": _summary(cur_metrics)}
+                           "candidate": _summary(cand_metrics), "current": _summary(cur_metrics),
+                           "calibration": calibration}
     if not lock.holds():
         # Someone else may be running now: registering is harmless, promoting is not.
         out.update(status="lost_lock", message="the training lock expired during the run; not promoting")

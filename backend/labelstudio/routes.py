@@ -346,7 +346,11 @@ def create_router(state: AppState) -> APIRouter:
                 raise HTTPException(422, str(exc)) from exc
             backend.extra_params[str(body.project)] = extra
         ensure_webhook_secret(settings, body.project)  # background, once per project (learning loop)
-        return {"model_version": state.model_version(wait_s=settings.osprey_setup_wait_s)}
+        answer: dict[str, Any] = {"model_version": state.model_version(wait_s=settings.osprey_setup_wait_s)}
+        score = (state.last_model or {}).get("score")
+        if score is not None:  # what the scores mean (LS reads only model_version; people and scripts read this)
+            answer["score"] = score
+        return answer
 
     @router.post("/predict", dependencies=[Depends(require_auth)], response_class=JSONResponse)
     def predict(body: PredictRequest) -> JSONResponse:

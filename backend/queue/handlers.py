@@ -57,13 +57,21 @@ def predict_job(payload: dict) -> dict:
     The output carries the neutral answers with the regions and plan they answer, so an adapter can turn
     it into its tool's format wherever it is delivered (backend/labelstudio/results.py).
     """
+    rt = get_runtime()
+    queue: JobQueue = rt.queue
+    started = time.perf_counter()
+    with rt.engine_lock:  # the engine is not thread-safe, and a swap must not happen under this job
+        output = _predict(rt, payload, started)
+    handed_off = queue.finish(payload, output)
+    return {"ok": output["ok"], "handed_off": handed_off}
+
+
+def _predict(rt: Any, payload: dict, started: float) -> dict:
+    """The job's output: the answers, or a bad-input error (anything else raises: a bug, retried)."""
     from backend.errors import INPUT_ERRORS, input_status
     from backend.service.predict import predict_regions
     from backend.service.tasks import Plan, RegionSpec
 
-    rt = get_runtime()
-    queue: JobQueue = rt.queue
-    started = time.perf_counter()
     try:
         plan = Plan.from_dict(payload["plan"])
         specs = [RegionSpec.from_dict(r) for r in payload["regions"]]
@@ -92,9 +100,7 @@ def predict_job(payload: dict) -> dict:
                   "elapsed_s": time.perf_counter() - started, "worker": rt.name}
         if disagreements:
             output["disagreements"] = disagreements
-
-    handed_off = queue.finish(payload, output)
-    return {"ok": output["ok"], "handed_off": handed_off}
+    return output
 
 
 def on_job_failure(job: Any, connection: Any, exc_type: Any, exc_value: Any, tb: Any) -> None:

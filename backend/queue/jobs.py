@@ -763,10 +763,13 @@ class JobQueue:
         """Ask every worker to (re)load `source` before its next job (model promotion calls this)."""
         self.connection.set(self.keys.model_source, source)
 
-    def record_loaded_model(self, source: str, version: str, worker: str) -> None:
+    def record_loaded_model(self, source: str, version: str, worker: str, score: dict | None = None) -> None:
+        """What a worker serves: source, version and what its scores mean (engine.score_info)."""
+        record: dict[str, Any] = {"source": source, "version": version, "worker": worker, "at": time.time()}
+        if score is not None:
+            record["score"] = score
         pipe = self.connection.pipeline(transaction=False)
-        pipe.set(self.keys.model_current, canonical_json(
-            {"source": source, "version": version, "worker": worker, "at": time.time()}))
+        pipe.set(self.keys.model_current, canonical_json(record))
         pipe.zadd(self.keys.model_versions, {version: time.time()}, nx=True)
         pipe.execute()
 

@@ -89,7 +89,12 @@ def media_origins(settings: Any) -> list[Any]:
 
 
 class WorkerRuntime:
-    """What jobs need in the worker process: the engine (loaded once), media fetcher and queue."""
+    """What jobs need in the worker process: the engine (loaded once), media fetcher and queue.
+
+    The engine is not thread-safe (its caches mutate on every call): `engine_lock` is held around every
+    use of the engine (a job's predictions) and every swap (load, refresh), so a model can never be
+    replaced under a running prediction whichever thread asks for it. The beat thread never takes it: it
+    only reads the (engine, source) pair, so a long job cannot stall heartbeats."""
 
     def __init__(self, settings: Any, connection: Redis, name: str, loader: Callable[[str], Any] | None = None,
                  origins: Sequence[Any] | None = None):
@@ -105,6 +110,7 @@ class WorkerRuntime:
         self.source: str | None = None
         self._failed_source: str | None = None
         self._loader = loader
+        self.engine_lock = threading.RLock()
 
     def _load_engine(self, source: str) -> Any:
         if self._loader is not None:
@@ -123,6 +129,10 @@ class WorkerRuntime:
     def load(self, source: str) -> None:
         """Serve `source`. The old model is freed first; if `source` fails to load, the old one is loaded
         again (and the failure recorded) before the error is raised."""
+        with self.engine_lock:
+            self._load(source)
+
+    def _load(self, source: str) -> None:
         started = time.perf_counter()
         previous = self.source if self.engine is not None else None
         self._release()
@@ -169,8 +179,10 @@ class WorkerRuntime:
             logger.exception("could not load announced model %r; keeping %r", wanted, self.source)
 
     def announce(self) -> None:
-        if self.engine is not None and self.source is not None:
-            self.queue.record_loaded_model(self.source, self.engine.model_version, self.name)
+        engine, source = self.engine, self.source  # no lock: called from the beat thread too
+        if engine is not None and source is not None:
+            score = engine.score_info() if hasattr(engine, "score_info") else None
+            self.queue.record_loaded_model(source, engine.model_version, self.name, score)
 
 
 def _empty_cuda_cache() -> None:

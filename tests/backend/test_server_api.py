@@ -54,8 +54,12 @@ def test_every_other_endpoint_needs_auth(stack, path, method):
 def test_setup_answers_the_version_workers_serve(stack, payloads, configs, extra_params):
     response = stack.post("/setup", payloads.setup(configs["brush_attributes"], extra_params))
     assert response.status_code == 200, response.text
-    assert response.json() == {"model_version": stack.model_version()}
-    assert response.json()["model_version"].startswith("tiny-")
+    answer = response.json()
+    assert answer["model_version"] == stack.model_version() and answer["model_version"].startswith("tiny-")
+    # what the score means, as the worker's engine says (a random tiny model: uncalibrated, plain sums)
+    assert answer["score"] == {"method": "softmax over candidate sequence log-likelihoods", "temperature": 1.0,
+                               "calibrated": False, "length_normalized": False, "calibration": None}, answer
+    assert set(answer) == {"model_version", "score"}
 
 
 def test_setup_with_nothing_to_predict_is_a_clear_4xx(stack, payloads):

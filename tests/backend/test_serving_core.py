@@ -193,6 +193,32 @@ def test_a_model_swap_frees_the_old_model_first_and_a_failed_swap_is_recorded(he
         helpers.purge_prefix(connection, settings.osprey_redis_prefix)
 
 
+def test_a_swap_waits_for_the_job_holding_the_engine(helpers):
+    """The engine is not thread-safe: a swap asked for from another thread (a promotion) waits until the
+    job using the engine lets go of `engine_lock` (predict_job holds it), and only then replaces it."""
+    import threading
+
+    from backend.queue.worker import WorkerRuntime
+
+    settings = Settings(osprey_redis_prefix=f"lk{uuid.uuid4().hex[:8]}", osprey_model="a")
+    connection = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    runtime = WorkerRuntime(settings, connection, "w-lock", loader=_Engine, origins=[])
+    try:
+        runtime.load("a")
+        runtime.engine_lock.acquire()  # a job is predicting
+        swapper = threading.Thread(target=runtime.load, args=("b",))
+        swapper.start()
+        swapper.join(0.5)
+        assert swapper.is_alive() and runtime.engine.model_version == "v-a"  # still the job's engine
+        runtime.engine_lock.release()
+        swapper.join(10)
+        assert not swapper.is_alive() and runtime.engine.model_version == "v-b"
+    finally:
+        if runtime.engine_lock._is_owned():  # type: ignore[attr-defined]
+            runtime.engine_lock.release()
+        helpers.purge_prefix(connection, settings.osprey_redis_prefix)
+
+
 # ---- defect 13 -----------------------------------------------------------------------------------------
 def test_half_open_connections_are_closed_and_the_server_keeps_serving(tmp_path, helpers):
     """2,000 half-open connections used to stay open 30 s and more (uvicorn has no header or body deadline)."""

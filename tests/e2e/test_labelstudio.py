@@ -238,7 +238,7 @@ def test_connect_reports_backend_model_version(label_studio: LabelStudio, backen
 def test_batch_predictions_stored_by_label_studio(label_studio: LabelStudio, backend: Stack,
                                                   brush_project: Project) -> None:
     """Retrieve Predictions: one validated prediction per task with our model_version, built on the
-    annotation's regions (same ids, same masks) with labels from the config and calibrated scores."""
+    annotation's regions (same ids, same masks) with labels from the config and their scores."""
     ls, config = label_studio, brush_project.config
     upload_task = brush_project.tasks["upload"]["id"]
     # The validation flag is on: a label outside the config is refused, so what is stored was checked.

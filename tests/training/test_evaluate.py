@@ -273,3 +273,36 @@ def test_apply_temperature_stores_it_with_the_version(tmp_path) -> None:
     assert data["osprey_score_temperature"] == pytest.approx(m.temperature) and data["hidden_size"] == 64
     with pytest.raises(EvaluationError, match="neither"):
         apply_temperature(tmp_path, m)
+
+
+def test_better_scoring_prefers_accuracy_then_calibrated_nll():
+    from training.evaluate import better_scoring
+
+    assert better_scoring({}) is None
+    sum_, mean = {"accuracy": 0.9, "nll_after": 0.3}, {"accuracy": 0.9, "nll_after": 0.2}
+    assert better_scoring({"sum": sum_, "mean": mean}) == "mean"
+    assert better_scoring({"sum": {**sum_, "accuracy": 0.95}, "mean": mean}) == "sum"
+
+
+def test_osprey_eval_writes_metrics_with_both_scoring_rules_and_can_calibrate(tmp_path, capsys):
+    """`osprey eval` on the shipped demo model: metrics.json with both scoring rules side by side (the
+    evidence for the default), and --apply-temperature stores the fitted temperature (a new version)."""
+    import shutil
+
+    from osprey_core.versioning import version_of_directory
+    from training import cli, demo_model, synthetic
+
+    data = synthetic.demo_data(tmp_path / "data", images=3, seed=99,
+                               **{**demo_model.WORLD, "shapes": demo_model.TRAIN_SHAPES})
+    model = tmp_path / "model"
+    shutil.copytree(demo_model.shipped_model(), model)
+    before = version_of_directory(model)
+    assert cli.main(["eval", str(model), "--data", str(data["regions"]), "--split", "all", "--no-descriptions",
+                     "--out", str(tmp_path), "--apply-temperature", "--no-progress", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["scoring"]) == {"sum", "mean"} and report["better_scoring"] in ("sum", "mean")
+    assert metrics["scoring"]["sum"]["accuracy"] == metrics["accuracy"]  # the demo model scores by sums
+    config = json.loads((model / "osprey_config.json").read_text())
+    assert config["score_temperature_fitted"] is True and config["score_temperature"] == metrics["temperature"]
+    assert version_of_directory(model) != before

@@ -3,6 +3,7 @@ only the intended weights move, and a SIGKILLed run resumes to the same weights.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -94,6 +95,31 @@ def test_adapter_refuses_a_different_base(data, tmp_path):
     (out / adapters.BASE_FILE).write_text(ref)
     from osprey_core.errors import CheckpointError
 
+    with pytest.raises(CheckpointError, match="trained on base version"):
+        load_model(out)
+
+
+def test_adapter_names_its_base_by_the_content_addressed_version(data, tmp_path):
+    """The base version an adapter records is the base's file-hash version (what `load_adapter` checks),
+    not a digest of the tensors as training loaded them: on a GPU those are bf16, so the digest never
+    matched an fp32 load and every GPU-trained adapter was refused. Changing the base's weights on disk
+    afterwards is still refused."""
+    from safetensors.torch import save_file
+
+    from osprey_core import versioning
+    from osprey_core.errors import CheckpointError
+
+    samples, _ = data
+    base = finetune.train("tiny", samples, tmp_path / "base", finetune.TrainConfig(mode="full", steps=1,
+                          batch_size=2), progress=False).out_dir
+    out = finetune.train(base, samples, tmp_path / "lora", finetune.TrainConfig(mode="lora", steps=1,
+                         batch_size=2), progress=False).out_dir
+    recorded = json.loads((out / adapters.BASE_FILE).read_text())["version"]
+    assert recorded == versioning.version_of_directory(base)
+    load_model(out)  # loads: the check is against the same version
+    weights = load_file(str(base / "model.safetensors"))
+    weights["mask_extractor.feat_linear.weight"][0, 0] += 1.0
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="trained on base version"):
         load_model(out)
 

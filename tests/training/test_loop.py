@@ -233,6 +233,19 @@ def test_it_really_learns_a_new_class_from_50_corrections(loop):
     versions = stack.get("/versions").json()
     assert new_version in versions["versions"] and versions["current"] == new_version
     assert versions["training"]["runs"][0]["status"] == "promoted"
+    # The promoted version serves calibrated scores: its held-out-fitted temperature is in its config
+    # (covered by its id), and /setup says so.
+    from training.registry import Registry
+
+    config = json.loads((Registry(loop["model_dir"]).path(new_version) / "osprey_config.json").read_text())
+    calibration = run["calibration"]  # applied unless the fitted temperature worsened the held-out ECE
+    assert calibration["applied"] == (calibration["ece_after"] <= calibration["ece_before"]), calibration
+    assert config.get("score_temperature_fitted", False) is calibration["applied"], config
+    if calibration["applied"]:
+        assert config["score_temperature"] == calibration["temperature"] > 0, config
+    score = stack.post("/setup", {"schema": CONFIG, "project": "1"}).json()["score"]
+    assert score["calibrated"] is calibration["applied"], score
+    assert score["temperature"] == config.get("score_temperature", 1.0), score
 
 
 def test_a_label_shuffled_training_set_is_refused(loop):
