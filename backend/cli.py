@@ -252,13 +252,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"osprey autolabel: {exc}", file=sys.stderr)
                 return 2
         elif args.command == "cvat":
+            from backend.cvat import pull
             from backend.cvat.relabel import run as relabel_run
             from backend.errors import INPUT_ERRORS
+            from training.store import StoreError
 
             try:
-                return relabel_run(args, settings)
-            except INPUT_ERRORS as exc:
-                print(f"osprey cvat relabel: {exc}", file=sys.stderr)
+                return pull.run(args, settings) if args.cvat_command == "pull" else relabel_run(args, settings)
+            except (*INPUT_ERRORS, StoreError) as exc:
+                print(f"osprey cvat {args.cvat_command}: {exc}", file=sys.stderr)
                 return 2
         elif args.command == "run":
             run_all(settings)

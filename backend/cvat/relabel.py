@@ -228,7 +228,7 @@ def relabel(client: Any, engine: Any, *, task_id: int | None = None, job_id: int
 
 def register(sub: Any) -> None:
     """Add `cvat relabel` to the `osprey` sub-commands."""
-    p = sub.add_parser("cvat", help="CVAT: relabel the shapes of a task or job with Osprey")
+    p = sub.add_parser("cvat", help="CVAT: relabel a task's shapes with Osprey, or pull them into the store")
     csub = p.add_subparsers(dest="cvat_command", required=True)
     r = csub.add_parser("relabel", help="classify existing CVAT shapes and write labels/attributes back")
     which = r.add_mutually_exclusive_group(required=True)
@@ -240,6 +240,9 @@ def register(sub: Any) -> None:
     r.add_argument("--auth", help="user:password (default: CVAT_ACCESS_TOKEN)")
     r.add_argument("--model", help="model source (OSPREY_MODEL)")
     r.add_argument("--device", help="torch device (OSPREY_DEVICE)")
+    from backend.cvat import pull
+
+    pull.register(csub)  # osprey cvat pull --task ID: the corrections into the store
 
 
 def make_client(server: str | None, auth: str | None) -> Any:
