@@ -118,13 +118,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
 
+    health_threads: list[anyio.CapacityLimiter | None] = [None]
+
     @app.get("/health", response_model=None)
-    def health(request: Request, detail: bool = False) -> dict[str, Any] | JSONResponse:
+    async def health(request: Request, detail: bool = False) -> dict[str, Any] | JSONResponse:
         # UP only while a prediction worker has a live heartbeat (backend/queue/jobs.py live_workers);
-        # one Redis read, cached for 0.5 s (Label Studio polls with a 1 s timeout).
+        # one Redis read, cached for 0.5 s (Label Studio polls with a 1 s timeout), on /health's own
+        # threads (the Redis read may block; the default threads may all be waiting on jobs).
         # `?detail=1` (authenticated): Redis, workers, model versions, lanes, oldest job, last training run.
         if detail:
             require_auth_for(request, settings)
+        # Its own threads: with every default thread waiting on a job, Label Studio's 1 s health check
+        # must still be answered (it would queue behind those waits otherwise).
+        if health_threads[0] is None:
+            health_threads[0] = anyio.CapacityLimiter(4)  # created on the server's event loop
+        return await anyio.to_thread.run_sync(_health_body, detail, limiter=health_threads[0])
+
+    def _health_body(detail: bool) -> dict[str, Any] | JSONResponse:
         version = state.last_model["version"] if state.last_model else None
         body: dict[str, Any] = {"status": "UP", "model_class": MODEL_CLASS, "model_version": version}
         try:

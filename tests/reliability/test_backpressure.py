@@ -88,3 +88,35 @@ def test_plain_health_is_open_and_detail_needs_credentials(two_workers):
     assert "oldest_pending_age_s" in detail["queues"]
     assert detail["models"]["current"]["version"] == s.model_version()
     assert "last_run" in detail["training"]
+
+
+def test_health_answers_while_every_request_thread_is_waiting():
+    """/health runs on threads of its own: with all of the server's request threads blocked (waiting on
+    jobs under load), Label Studio's 1 s health check is still answered instead of queueing behind them."""
+    import threading
+    import uuid
+
+    import anyio
+    from fastapi.testclient import TestClient
+
+    from backend.app import create_app
+    from backend.settings import Settings
+
+    app = create_app(Settings(redis_url="redis://127.0.0.1:6379/0", osprey_redis_prefix=f"hl{uuid.uuid4().hex[:8]}"))
+    release = threading.Event()
+    with TestClient(app) as client:
+        async def one_request_thread() -> None:
+            anyio.to_thread.current_default_thread_limiter().total_tokens = 1
+
+        client.portal.call(one_request_thread)
+        blocker = client.portal.start_task_soon(anyio.to_thread.run_sync, release.wait)  # holds the one thread
+        answers: list[int] = []
+        asker = threading.Thread(target=lambda: answers.append(client.get("/health").status_code), daemon=True)
+        try:
+            asker.start()
+            asker.join(10)
+            assert answers and answers[0] in (200, 503), "GET /health queued behind the busy request threads"
+        finally:
+            release.set()
+            blocker.result(10)
+            asker.join(10)
