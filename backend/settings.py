@@ -55,7 +55,11 @@ class Settings(BaseSettings):
     osprey_batch_budget_s: float = Field(
         60.0, description="How long /predict waits for batch jobs (below Label Studio's 100 s) before write-back."
     )
-    osprey_job_timeout_s: int = Field(600, description="RQ job timeout.")
+    osprey_job_timeout_s: int = Field(600, description="RQ job timeout (batch, write-back and training-side jobs).")
+    osprey_interactive_job_timeout_s: int = Field(
+        120, description="RQ job timeout of interactive jobs: the annotator waits seconds, so a job stuck this "
+                         "long (plus OSPREY_JOB_HANG_GRACE_S in native code) frees its worker far sooner than a "
+                         "batch job would.")
     osprey_job_retries: int = Field(3, description="Retries of a job whose worker died or failed.")
     osprey_redis_prefix: str = Field(
         "osprey", description="Namespace of our Redis keys, RQ queue names and job ids (letters, digits, _ . -)."

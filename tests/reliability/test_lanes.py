@@ -117,3 +117,29 @@ def test_a_write_back_backlog_refuses_new_batches_with_503(queue):
     with pytest.raises(Backlogged) as backlog:
         queue.submit(batch_spec(queue, 1, "7"))
     assert backlog.value.status_code == 503 and "is Label Studio reachable" in backlog.value.message
+
+
+def test_interactive_jobs_time_out_sooner_than_batch_jobs():
+    """A hung interactive job used to hold its worker for OSPREY_JOB_TIMEOUT_S (600 s) + the hang grace,
+    like a batch job; the annotator waits seconds, so the interactive lane has its own, shorter timeout
+    (which the worker's hang watchdog adds its grace to: backend/queue/worker.py)."""
+    import uuid
+
+    import redis
+
+    from backend.queue.jobs import INTERACTIVE, WRITEBACK
+    from backend.settings import Settings
+    from tests.backend.conftest import purge_prefix
+
+    settings = Settings(osprey_redis_prefix=f"to{uuid.uuid4().hex[:8]}", osprey_interactive_job_timeout_s=7)
+    connection = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    q = JobQueue(connection, settings)
+    try:
+        jobs = {kind: q.queues[kind].enqueue_call("builtins.len", args=([],)) for kind in (INTERACTIVE, BATCH, WRITEBACK)}
+        timeouts = {kind: job.timeout for kind, job in jobs.items()}
+        for job in jobs.values():
+            job.delete()  # RQ's job keys are global, not under the prefix
+        assert timeouts == {INTERACTIVE: 7, BATCH: 600, WRITEBACK: 600}, timeouts
+        assert Settings().osprey_interactive_job_timeout_s < Settings().osprey_job_timeout_s
+    finally:
+        purge_prefix(connection, settings.osprey_redis_prefix)
