@@ -65,7 +65,26 @@ def _documented_errors(schema: dict[str, Any]) -> dict[str, Any]:
     schemas["HTTPValidationError"] = {"title": "Error", "type": "object", "required": ["detail"],
                                       "properties": {"detail": {"type": "string", "title": "Detail"}}}
     schemas.pop("ValidationError", None)
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}}}
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            for status, why in _ERROR_STATUSES.items():
+                if path == "/predict" or status not in _PREDICT_ONLY:
+                    responses.setdefault(str(status), {"description": why, **error})
     return schema
+
+
+# The error answers every operation can give (body {"detail": "<message>"}), documented in the schema so a
+# client (and schemathesis' status-code check) knows them; 5xx only where they are the service's answer.
+_ERROR_STATUSES = {
+    400: "the body is not valid JSON", 401: "authentication required or wrong", 403: "not allowed",
+    408: "the body did not arrive in time (OSPREY_BODY_TIMEOUT_S)",
+    413: "the body is above OSPREY_MAX_REQUEST_BYTES", 415: "not a JSON body", 422: "the input is invalid",
+    429: "too many requests waiting: retry after Retry-After", 502: "the prediction failed on every attempt",
+    503: "no live worker, or Redis is unreachable: retry after Retry-After", 504: "the prediction took too long",
+}
+_PREDICT_ONLY = {502, 504}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
