@@ -208,3 +208,91 @@ def test_rotated_rectangle_stays_inside_the_image():
         region = Region.from_ls_rectangle(40, 40, 20, 10, angle, 64, 48)
         assert region.mask.shape == (48, 64) and region.area > 0
         assert math.isfinite(region.area)
+
+
+# ---- geometry round trips (exact) ------------------------------------------------------------------
+
+
+@st.composite
+def pixel_boxes(draw):
+    w, h = draw(dims), draw(dims)
+    x0, y0 = draw(st.integers(0, w - 1)), draw(st.integers(0, h - 1))
+    return w, h, x0, y0, draw(st.integers(1, w - x0)), draw(st.integers(1, h - y0))
+
+
+@FUZZ
+@given(box=pixel_boxes())
+def test_pixel_aligned_rectangle_and_its_polygon_are_exactly_that_box(box):
+    """Label Studio's percent coordinates of a box on pixel edges give exactly its pixels, as a rectangle
+    and as the polygon of its corners; a keypoint at a pixel's centre covers that pixel."""
+    w, h, x0, y0, bw, bh = box
+    want = np.zeros((h, w), dtype=bool)
+    want[y0:y0 + bh, x0:x0 + bw] = True
+    px, py = (lambda v: 100 * v / w), (lambda v: 100 * v / h)
+    rect = Region.from_ls_rectangle(px(x0), py(y0), px(bw), py(bh), 0, w, h)
+    assert np.array_equal(rect.mask, want)
+    corners = [[px(x0), py(y0)], [px(x0 + bw), py(y0)], [px(x0 + bw), py(y0 + bh)], [px(x0), py(y0 + bh)]]
+    assert np.array_equal(Region.from_ls_polygon(corners, w, h).mask, want)
+    assert Region.from_ls_keypoint(px(x0 + 0.5), py(y0 + 0.5), w, h).mask[y0, x0]
+
+
+def _mask_or_none(call):
+    try:
+        return call().mask
+    except RegionError:  # turned out of the image entirely
+        return None
+
+
+@FUZZ
+@given(box=pixel_boxes(), turn=st.floats(-720, 720, allow_nan=False))
+def test_a_full_turn_changes_no_pixel_and_an_ellipse_has_a_half_turn_symmetry(box, turn):
+    w, h, x0, y0, bw, bh = box
+    px, py = (lambda v: 100 * v / w), (lambda v: 100 * v / h)
+    a = _mask_or_none(lambda: Region.from_ls_rectangle(px(x0), py(y0), px(bw), py(bh), turn, w, h))
+    b = _mask_or_none(lambda: Region.from_ls_rectangle(px(x0), py(y0), px(bw), py(bh), turn + 360, w, h))
+    assert (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+    e = [_mask_or_none(lambda d=d: Region.from_ls_ellipse(50, 50, px(bw) / 2, py(bh) / 2, turn + d, w, h))
+         for d in (0, 180, 360)]
+    assert all(m is None for m in e) or all(m is not None and np.array_equal(m, e[0]) for m in e)
+
+
+# ---- Label Studio result lists (the parser in front of the decoders) -------------------------------------
+
+_TYPES = st.sampled_from(["brushlabels", "brush", "polygonlabels", "polygon", "rectanglelabels", "rectangle",
+                          "ellipselabels", "keypointlabels", "choices", "textarea", "labels", "taxonomy", "x"])
+_VALUE_KEYS = st.sampled_from(["format", "rle", "points", "x", "y", "width", "height", "rotation", "radiusX",
+                               "radiusY", "brushlabels", "polygonlabels", "rectanglelabels", "keypointlabels",
+                               "choices", "text", "labels"])
+_items = st.fixed_dictionaries(
+    {"type": st.one_of(_TYPES, scalars)},
+    optional={"id": st.one_of(st.text(max_size=6), scalars), "from_name": st.one_of(st.sampled_from(
+        ["category", "color", "caption", "tag", "label", "x"]), scalars), "to_name": st.one_of(st.just("image"),
+        scalars), "value": st.one_of(st.dictionaries(_VALUE_KEYS, json_values, max_size=6), json_values),
+        "original_width": st.one_of(dims, scalars), "original_height": st.one_of(dims, scalars),
+        "image_rotation": st.one_of(numbers, scalars)})
+
+
+@pytest.fixture(scope="module")
+def plans():
+    from pathlib import Path
+
+    from backend.labelstudio.config import parse_label_config
+
+    root = Path(__file__).resolve().parents[2] / "deploy" / "labelstudio"
+    return [parse_label_config(p.read_text()) for p in sorted(root.glob("*.xml"))]
+
+
+@FUZZ
+@given(result=st.one_of(st.lists(st.one_of(_items, json_values), max_size=6), json_values), smart=st.booleans())
+def test_label_studio_result_lists_raise_only_input_errors(plans, result, smart):
+    """Whatever a client puts in a task's result list (or an interactive context), the parser answers with
+    region specs or one of the project's input errors (a 4xx), never anything else."""
+    from backend.errors import INPUT_ERRORS
+    from backend.labelstudio.regions import parse_context, parse_results
+
+    for plan in plans:
+        try:
+            parse_results(result, plan, smart=smart)
+            parse_context({"result": result}, plan)
+        except INPUT_ERRORS as e:
+            assert str(e)
