@@ -60,6 +60,10 @@ class TrainingSettings(BaseSettings):
     osprey_sync_period_s: int = Field(3600, description="Full project sync period (repairs missed webhooks).")
     osprey_train_lock_ttl_s: int = Field(30, description="Training lock TTL; the run's heartbeat extends it.")
     osprey_train_job_timeout_s: int = Field(6 * 3600, description="RQ timeout of one training run.")
+    osprey_max_queued_syncs: int = Field(10_000, description="Jobs waiting on the training queue beyond which a "
+                                                             "task's sync is folded into its project's full sync "
+                                                             "(one per project): the lane stays bounded, no "
+                                                             "correction is lost.")
     osprey_train_mode: str = Field("lora", description="lora or full fine-tuning.")
     osprey_train_steps: int | None = Field(None, description="Optimizer steps per run (default: from epochs).")
     osprey_train_epochs: float = Field(3.0, description="Epochs over the project's training split.")
@@ -148,13 +152,23 @@ def enqueue_coalesced(queue: Queue, func: str, payload: dict, job_id: str, timeo
 
 
 def enqueue_sync(connection: Redis, prefix: str, func: str, project: Any, task: Any | None = None,
-                 extra: dict | None = None) -> tuple[str, bool]:
-    """Queue `func` (an adapter's sync job) for one task, or with `task=None` the whole project."""
+                 extra: dict | None = None, project_func: str | None = None) -> tuple[str, bool]:
+    """Queue `func` (an adapter's sync job) for one task, or with `task=None` the whole project.
+
+    With `project_func` (the adapter's whole-project sync) a task's sync becomes that project's sync when
+    the training queue is past OSPREY_MAX_QUEUED_SYNCS."""
     keys = TrainingKeys(prefix)
     project = str(project)
     connection.sadd(keys.projects, project)
+    queue = training_queue(connection, prefix)
+    if task is not None and project_func and queue.count >= TrainingSettings().osprey_max_queued_syncs:
+        # A flood of events (a bulk import, a replay): one coalesced full sync of the project reads the
+        # same tasks, so the queue grows by projects, not by events.
+        logger.warning("training queue holds %d jobs (OSPREY_MAX_QUEUED_SYNCS): the sync of task %s is folded "
+                       "into a full sync of project %s", queue.count, task, project)
+        task, func = None, project_func
     payload = {"prefix": prefix, "project": project, "task": None if task is None else str(task), **(extra or {})}
-    return enqueue_coalesced(training_queue(connection, prefix), func, payload, keys.sync_id(project, payload["task"]),
+    return enqueue_coalesced(queue, func, payload, keys.sync_id(project, payload["task"]),
                              timeout_s=3600, description=f"sync project {project} task {task}")
 
 

@@ -276,7 +276,7 @@ def enqueue_for_event(connection: Any, prefix: str, event: dict[str, Any]) -> di
     elif action in _TASK_EVENTS:
         tasks = _ids(event.get("tasks")) or ([str(event["task"]["id"])] if isinstance(event.get("task"), dict) else [])
         for task in tasks:
-            jobs.append(enqueue_sync(connection, prefix, SYNC_JOB, project, task)[0])
+            jobs.append(enqueue_sync(connection, prefix, SYNC_JOB, project, task, project_func=SYNC_PROJECT_JOB)[0])
     return out
 
 

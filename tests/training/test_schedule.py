@@ -204,3 +204,22 @@ def test_status_keeps_refusals_with_their_numbers(conn):
     assert json.loads(r.get(TrainingKeys(prefix).last("1")))["version"] == "v3"
     job_id, fresh = enqueue_training(r, prefix, "1", "test")
     assert fresh and job_id == f"{prefix}-train-1"
+
+
+def test_a_flood_of_task_syncs_folds_into_one_project_sync(conn, monkeypatch):
+    """The training lane is bounded: past OSPREY_MAX_QUEUED_SYNCS waiting jobs, a task's sync becomes its
+    project's full sync (coalesced, one per project), so a bulk import's events cannot grow the queue
+    without bound, and the full sync still reads every task (nothing lost)."""
+    from training.schedule import enqueue_sync
+
+    r, prefix = conn
+    monkeypatch.setenv("OSPREY_MAX_QUEUED_SYNCS", "3")
+    ids = [enqueue_sync(r, prefix, "tests.task_sync", 5, task, project_func="tests.project_sync")[0]
+           for task in range(1, 40)]
+    queue = training_queue(r, prefix)
+    jobs = [Job.fetch(j, connection=r, serializer=JSONSerializer) for j in queue.job_ids]
+    assert queue.count == 4, queue.job_ids  # three task syncs, then one project sync for the other 36
+    assert [j.func_name for j in jobs] == ["tests.task_sync"] * 3 + ["tests.project_sync"]
+    assert jobs[-1].args[0]["task"] is None and set(ids[3:]) == {jobs[-1].id}
+    for j in jobs:
+        j.delete()
