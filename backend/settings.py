@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,6 +46,12 @@ class Settings(BaseSettings):
     osprey_model: str = Field("tiny", description="Preset name, local checkpoint directory or Hugging Face repo id.")
     osprey_device: str = Field("cpu", description="Torch device of the worker (cpu, cuda, cuda:1).")
     osprey_dtype: str | None = Field(None, description="float32, bfloat16 or float16; default by device.")
+    osprey_quantization: Literal["8bit", "4bit"] | None = Field(
+        None, description="Load the LLM's linear layers in 8-bit or 4-bit NF4 (bitsandbytes, CUDA only; the mask "
+                          "extractor stays fp32) for GPUs under 24 GB; the model version names it.")
+    osprey_vision_tower_file: Path | None = Field(
+        None, description="open_clip ConvNeXt-L weights for a checkpoint without the vision tower's weights "
+                          "(what `osprey download --clip` fetched).")
     osprey_max_new_tokens: int = Field(64, description="Cap on generated description tokens.")
     sam_checkpoint: Path | None = Field(None, description="SAM checkpoint; boxes/points become masks when set.")
     sam_model_type: str = Field("vit_b", description="SAM registry key: vit_b, vit_l, vit_h.")

@@ -36,5 +36,5 @@ python3 bench/engine_throughput.py --device cuda --dtype bfloat16 --json | tee "
 python3 bench/gpu_memory.py --modes bf16,8bit,4bit --sam none,vit_b,vit_h --regions 16 --labels 20 --json \
   | tail -1 | tee "$OUT/gpu_memory.json"
 # Last (the longest: writes a ~14 GB random 7B checkpoint first): LoRA fine-tuning samples/s and peak memory.
-timeout 420 python3 bench/training.py --presets osprey-7b --random-weights --modes lora --device cuda \
+timeout 240 python3 bench/training.py --presets osprey-7b --random-weights --modes lora --device cuda \
   --steps 5 --batch-size 4 --json | tee "$OUT/bench_train_7b.json"

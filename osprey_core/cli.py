@@ -25,6 +25,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--model", default="tiny", help="preset, checkpoint directory or Hugging Face repo id")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
+    p.add_argument("--quantization", choices=["8bit", "4bit"], help="bitsandbytes 8-bit / 4-bit NF4 (CUDA only)")
+    p.add_argument("--vision-tower-file", help="open_clip ConvNeXt-L weights for a checkpoint that lacks them")
     p.add_argument("--sam", default=None, help="SAM checkpoint for --box/--point")
     p.add_argument("--sam-type", default="vit_b")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -82,7 +84,8 @@ def predict_main(argv: list[str] | None = None) -> int:
         return 2
     try:
         regions = _regions(args, image)
-        engine = load_engine(args.model, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens)
+        engine = load_engine(args.model, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
+                             quantization=args.quantization, vision_tower_file=args.vision_tower_file)
         out = [{"region": r.id, "area": r.area, "bbox": list(r.bbox)} for r in regions]
         if args.labels:
             labels = [s.strip() for s in args.labels.split(",") if s.strip()]

@@ -295,7 +295,7 @@ class DownloadResult:
         if self.sam_checkpoint:
             lines += [f"export SAM_CHECKPOINT={self.sam_checkpoint}", f"export SAM_MODEL_TYPE={self.sam_model_type}"]
         if self.clip_file:
-            lines.append(f"# vision tower for checkpoints without one: load_engine(..., vision_tower_file='{self.clip_file}')")
+            lines.append(f"export OSPREY_VISION_TOWER_FILE={self.clip_file}  # for a checkpoint without the vision weights")
         return lines
 
 

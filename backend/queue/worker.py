@@ -118,7 +118,8 @@ class WorkerRuntime:
         from osprey_core import load_engine
 
         s = self.settings
-        return load_engine(source, device=s.osprey_device, dtype=s.osprey_dtype, max_new_tokens=s.osprey_max_new_tokens)
+        return load_engine(source, device=s.osprey_device, dtype=s.osprey_dtype, max_new_tokens=s.osprey_max_new_tokens,
+                           quantization=s.osprey_quantization, vision_tower_file=s.osprey_vision_tower_file)
 
     def _release(self) -> None:
         """Drop the held model and give its memory back before another one is loaded."""

@@ -107,7 +107,8 @@ def bf16_7b_answers():
     return answers
 
 
-@pytest.mark.parametrize("mode, min_agreement, max_gib", [("8bit", 0.75, 10.0), ("4bit", 0.5, 8.0)])
+# "Most regions": more than half for 4-bit (the bar), more for 8-bit.
+@pytest.mark.parametrize("mode, min_agreement, max_gib", [("8bit", 0.75, 10.0), ("4bit", 0.51, 8.0)])
 def test_quantized_7b_agrees_with_bf16(bf16_7b_answers, mode, min_agreement, max_gib, record_property):
     pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (pip install '.[gpu]')")
     from osprey_core.quantize import quantization_of, quantize_model

@@ -119,3 +119,33 @@ def test_quantized_forward_stays_close_to_bf16(mode, max_diff, image, masks):
     for a, b in zip(ref, got, strict=True):  # an answer may only flip where bf16 had a near-tie
         margin = a.logprobs[a.label] - a.logprobs[b.label]
         assert b.label == a.label or margin < 2 * max(diffs), (a.label, b.label, margin)
+
+
+def test_the_worker_and_osprey_predict_pass_quantization_and_the_vision_tower_file(monkeypatch, tmp_path):
+    """OSPREY_QUANTIZATION / OSPREY_VISION_TOWER_FILE reach the worker's load_engine (they used to be
+    dropped: no setting read them), and `osprey predict --quantization` on a CPU is a clear error, exit 2."""
+    import subprocess
+    import uuid
+
+    import numpy as np
+    import redis
+    from PIL import Image
+
+    import osprey_core
+    from backend.queue.worker import WorkerRuntime
+    from backend.settings import Settings
+
+    seen: dict = {}
+    monkeypatch.setattr(osprey_core, "load_engine", lambda source, **kw: seen.update(kw, source=source) or "engine")
+    monkeypatch.setenv("OSPREY_QUANTIZATION", "4bit")
+    monkeypatch.setenv("OSPREY_VISION_TOWER_FILE", str(tmp_path / "clip.bin"))
+    settings = Settings(osprey_redis_prefix=f"q{uuid.uuid4().hex[:8]}")
+    runtime = WorkerRuntime(settings, redis.Redis.from_url("redis://127.0.0.1:6379/0"), "w-q", origins=[])
+    assert runtime._load_engine("/models/osprey-7b") == "engine"
+    assert seen["quantization"] == "4bit" and str(seen["vision_tower_file"]) == str(tmp_path / "clip.bin")
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
+    done = subprocess.run([sys.executable, "-m", "backend.cli", "predict", str(tmp_path / "a.png"), "--box",
+                           "2,2,20,20", "--labels", "a,b", "--quantization", "4bit"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "CUDA" in done.stderr, done.stderr
