@@ -104,6 +104,8 @@ def measure(mode: str, sams: list[str], args, bf16_labels: list[str] | None) -> 
     peak_osprey = torch.cuda.max_memory_allocated() / GIB
     row = {
         "mode": mode, "weights_gib": round(weights, 2), "peak_gib": round(peak_osprey, 2),
+        # what the GPU shows in use (allocator reserve + CUDA context), the number a card must hold
+        "device_used_gib": round(_device_used_gib(torch), 2),
         "classify_regions": len(masks), "classify_labels": len(labels),
         "classify_s": round(t_cls, 4), "regions_per_s": round(len(masks) / t_cls, 1),
         "describe_regions": len(masks), "describe_tokens": tokens, "describe_s": round(t_gen, 3),
@@ -125,7 +127,7 @@ def measure(mode: str, sams: list[str], args, bf16_labels: list[str] | None) -> 
         refiner.box_to_mask(np.zeros((768, 1024, 3), np.uint8) + 127, (100, 100, 400, 300))
         classify()  # Osprey's peak while SAM is resident
         total = torch.cuda.max_memory_allocated() / GIB
-        row["with_sam"][sam_type] = {"peak_gib": round(total, 2),
+        row["with_sam"][sam_type] = {"peak_gib": round(total, 2), "device_used_gib": round(_device_used_gib(torch), 2),
                                      "sam_weights_gib": round(sum(p.numel() * p.element_size()
                                                                   for p in sam.parameters()) / GIB, 2)}
         del refiner, sam
@@ -135,6 +137,12 @@ def measure(mode: str, sams: list[str], args, bf16_labels: list[str] | None) -> 
     gc.collect()
     torch.cuda.empty_cache()
     return row, answers
+
+
+def _device_used_gib(torch) -> float:
+    """Memory in use on the device as the driver counts it (nvidia-smi's number: every process on it)."""
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / GIB
 
 
 def main() -> None:
