@@ -3,10 +3,12 @@ server in one command; a prediction goes through all three, and Ctrl-C / SIGTERM
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,135 +122,108 @@ def _worker_pids(run_pid: int) -> set[int]:
     return found
 
 
+class _Run:
+    """An `osprey run` subprocess on a free port, its log in tmp_path/run.log."""
+
+    def __init__(self, run: subprocess.Popen, base: str, log_path: Path):
+        self.run, self.base, self.log_path = run, base, log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def health(self) -> httpx.Response:
+        return httpx.get(self.base + "/health", timeout=5)
+
+
+@contextlib.contextmanager
+def osprey_run(tmp_path: Path, helpers: Any, **env: str) -> Iterator[_Run]:
+    """Start `osprey run`; on a failure print its log's tail; always stop it (SIGTERM, then SIGKILL)."""
+    port = helpers.free_port()
+    log_path = tmp_path / "run.log"
+    log = log_path.open("wb")
+    run = subprocess.Popen([sys.executable, "-m", "backend.cli", "run", "--host", "127.0.0.1", "--port", str(port)],
+                           cwd=REPO, env=_run_env(tmp_path, **env), stdout=log, stderr=subprocess.STDOUT,
+                           start_new_session=True)
+    try:
+        yield _Run(run, f"http://127.0.0.1:{port}", log_path)
+    except BaseException:
+        log.flush()
+        print(log_path.read_text(errors="replace")[-6000:])
+        raise
+    finally:
+        if run.poll() is None:
+            run.send_signal(signal.SIGTERM)
+            try:
+                run.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+        log.close()
+
+
+def _interactive(base: str, payloads: Any, config: str, region_id: str) -> httpx.Response:
+    context = {"result": [payloads.keypoint(region_id=region_id)]}
+    return httpx.post(base + "/predict", json=payloads.predict([payloads.task(1)], config, context), timeout=60)
+
+
 def test_osprey_run_restarts_a_killed_worker_and_health_follows(tmp_path, payloads, configs, helpers):
     """Defect 2: after the worker was SIGKILLed (the OOM killer), it was never restarted, /health still said
     UP and every interactive request timed out (504) forever."""
     helpers.synthetic_png(tmp_path / "files" / "imgs" / "a.png")
-    port = helpers.free_port()
-    log = (tmp_path / "run.log").open("wb")
-    run = subprocess.Popen([sys.executable, "-m", "backend.cli", "run", "--host", "127.0.0.1", "--port", str(port)],
-                           cwd=REPO, env=_run_env(tmp_path, OSPREY_WORKER_RESTART_BACKOFF_S="4"), stdout=log,
-                           stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
     config = configs["keypoint_sam"]
-
-    def interactive(region_id: str) -> httpx.Response:
-        context = {"result": [payloads.keypoint(region_id=region_id)]}
-        return httpx.post(base + "/predict", json=payloads.predict([payloads.task(1)], config, context), timeout=60)
-
-    def health() -> httpx.Response:
-        return httpx.get(base + "/health", timeout=5)
-
-    try:
-        helpers.wait_for(lambda: health().status_code == 200, 240, "osprey run to be UP")
-        assert health().json()["status"] == "UP"
-        assert interactive("before").status_code == 200
-        [worker] = _worker_pids(run.pid)
+    with osprey_run(tmp_path, helpers, OSPREY_WORKER_RESTART_BACKOFF_S="4") as r:
+        helpers.wait_for(lambda: r.health().status_code == 200, 240, "osprey run to be UP")
+        assert r.health().json()["status"] == "UP"
+        assert _interactive(r.base, payloads, config, "before").status_code == 200
+        [worker] = _worker_pids(r.run.pid)
         os.kill(worker, signal.SIGKILL)
 
-        down = helpers.wait_for(lambda: (r := health()).status_code == 503 and r, 30, "/health to say DOWN")
+        down = helpers.wait_for(lambda: (h := r.health()).status_code == 503 and h, 30, "/health to say DOWN")
         assert down.json()["status"] == "DOWN" and "no worker is alive" in down.json()["reason"]
-        refused = interactive("while-down")  # answered at once with the reason, not a 504 after 20 s
+        refused = _interactive(r.base, payloads, config, "while-down")  # at once with the reason, not a 504
         assert refused.status_code == 503, refused.text
         assert "no worker is alive" in refused.json()["detail"] and refused.headers["retry-after"]
 
-        helpers.wait_for(lambda: health().status_code == 200, 240, "/health to be UP again")
-        [new_worker] = _worker_pids(run.pid)
+        helpers.wait_for(lambda: r.health().status_code == 200, 240, "/health to be UP again")
+        [new_worker] = _worker_pids(r.run.pid)
         assert new_worker != worker
-        after = interactive("after")
+        after = _interactive(r.base, payloads, config, "after")
         assert after.status_code == 200, after.text
         assert {i["id"] for i in after.json()["results"][0]["result"]} == {"after"}
-    except BaseException:
-        log.flush()
-        print((tmp_path / "run.log").read_text(errors="replace")[-6000:])
-        raise
-    finally:
-        if run.poll() is None:
-            run.send_signal(signal.SIGTERM)
-            try:
-                run.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(run.pid, signal.SIGKILL)
-                run.wait()
-        log.close()
 
 
 def test_osprey_run_gives_up_loudly_on_a_worker_that_keeps_crashing(tmp_path, helpers):
-    port = helpers.free_port()
-    log = (tmp_path / "run.log").open("wb")
-    env = _run_env(tmp_path, OSPREY_MODEL=str(tmp_path / "no-such-model"), OSPREY_WORKER_RESTART_BACKOFF_S="0.2",
-                   OSPREY_WORKER_MAX_FAST_CRASHES="2")
-    run = subprocess.Popen([sys.executable, "-m", "backend.cli", "run", "--host", "127.0.0.1", "--port", str(port)],
-                           cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
+    with osprey_run(tmp_path, helpers, OSPREY_MODEL=str(tmp_path / "no-such-model"),
+                    OSPREY_WORKER_RESTART_BACKOFF_S="0.2", OSPREY_WORKER_MAX_FAST_CRASHES="2") as r:
         def gave_up() -> Any:
-            r = httpx.get(base + "/health", timeout=5)
-            return r.status_code == 503 and "stopped restarting" in r.json().get("reason", "") and r
+            h = r.health()
+            return h.status_code == 503 and "stopped restarting" in h.json().get("reason", "") and h
 
         down = helpers.wait_for(gave_up, 180, "the supervisor to give up")
         assert "2 times in a row" in down.json()["reason"]
-        assert _worker_pids(run.pid) == set()  # no restart loop left behind
-        log.flush()
-        assert "stopped restarting" in (tmp_path / "run.log").read_text(errors="replace")  # logged at ERROR
-    except BaseException:
-        log.flush()
-        print((tmp_path / "run.log").read_text(errors="replace")[-6000:])
-        raise
-    finally:
-        if run.poll() is None:
-            run.send_signal(signal.SIGTERM)
-            try:
-                run.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(run.pid, signal.SIGKILL)
-                run.wait()
-        log.close()
+        assert _worker_pids(r.run.pid) == set()  # no restart loop left behind
+        assert "stopped restarting" in r.log()  # logged at ERROR
 
 
 def test_osprey_run_restarts_its_embedded_redis_when_it_dies(tmp_path, payloads, configs, helpers):
     """The embedded redis-server SIGKILLed (the OOM killer) while `osprey run` stays up used to be a
     permanent outage; now `osprey run` starts it again from its AOF and everything reconnects by itself."""
     helpers.synthetic_png(tmp_path / "files" / "imgs" / "a.png")
-    port = helpers.free_port()
-    log = (tmp_path / "run.log").open("wb")
-    run = subprocess.Popen([sys.executable, "-m", "backend.cli", "run", "--host", "127.0.0.1", "--port", str(port)],
-                           cwd=REPO, env=_run_env(tmp_path), stdout=log, stderr=subprocess.STDOUT,
-                           start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
     config = configs["keypoint_sam"]
+    with osprey_run(tmp_path, helpers) as r:
+        def redis_pids() -> set[int]:
+            return {pid for pid in children_of(r.run.pid) if b"redis-server" in _cmdline(pid)}
 
-    def interactive(region_id: str) -> httpx.Response:
-        context = {"result": [payloads.keypoint(region_id=region_id)]}
-        return httpx.post(base + "/predict", json=payloads.predict([payloads.task(1)], config, context), timeout=60)
-
-    def redis_pids() -> set[int]:
-        return {pid for pid in children_of(run.pid) if b"redis-server" in _cmdline(pid)}
-
-    try:
-        helpers.wait_for(lambda: httpx.get(base + "/health", timeout=5).status_code == 200, 240, "osprey run UP")
-        assert interactive("before").status_code == 200
+        helpers.wait_for(lambda: r.health().status_code == 200, 240, "osprey run UP")
+        assert _interactive(r.base, payloads, config, "before").status_code == 200
         [server] = redis_pids()
         os.kill(server, signal.SIGKILL)
         helpers.wait_for(lambda: (p := redis_pids()) and server not in p, 30, "a new embedded Redis")
-        helpers.wait_for(lambda: httpx.get(base + "/health", timeout=5).status_code == 200, 120, "UP again")
-        after = helpers.wait_for(lambda: (r := interactive("after")).status_code == 200 and r, 120,
-                                 "an interactive answer after the restart")
+        helpers.wait_for(lambda: r.health().status_code == 200, 120, "UP again")
+        after = helpers.wait_for(lambda: (a := _interactive(r.base, payloads, config, "after")).status_code == 200
+                                 and a, 120, "an interactive answer after the restart")
         assert {i["id"] for i in after.json()["results"][0]["result"]} == {"after"}
-        assert b"starting it again from its AOF" in (tmp_path / "run.log").read_bytes()
-    except BaseException:
-        log.flush()
-        print((tmp_path / "run.log").read_text(errors="replace")[-6000:])
-        raise
-    finally:
-        if run.poll() is None:
-            run.send_signal(signal.SIGTERM)
-            try:
-                run.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(run.pid, signal.SIGKILL)
-                run.wait()
-        log.close()
+        assert "starting it again from its AOF" in r.log()
 
 
 def _cmdline(pid: int) -> bytes:
