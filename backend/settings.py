@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     osprey_interactive_job_timeout_s: int = Field(
         120, description="RQ job timeout of interactive jobs: the annotator waits seconds, so a job stuck this "
                          "long (plus OSPREY_JOB_HANG_GRACE_S in native code) frees its worker far sooner than a "
-                         "batch job would.")
+                         "batch job would. Never more than OSPREY_JOB_TIMEOUT_S.")
     osprey_job_retries: int = Field(3, description="Retries of a job whose worker died or failed.")
     osprey_redis_prefix: str = Field(
         "osprey", description="Namespace of our Redis keys, RQ queue names and job ids (letters, digits, _ . -)."

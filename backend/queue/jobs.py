@@ -286,7 +286,8 @@ class JobQueue:
         self.keys = RedisKeys(settings.osprey_redis_prefix)
         self.result_ttl = int(settings.osprey_result_ttl_s)
         timeout = int(settings.osprey_job_timeout_s)
-        interactive_timeout = int(_setting(settings, "osprey_interactive_job_timeout_s", timeout))
+        # never longer than the general timeout (lowering OSPREY_JOB_TIMEOUT_S lowers both)
+        interactive_timeout = min(timeout, int(_setting(settings, "osprey_interactive_job_timeout_s", timeout)))
         self.queues = {
             kind: Queue(self.keys.queue_name(kind), connection=connection, serializer=JSONSerializer,
                         default_timeout=interactive_timeout if kind == INTERACTIVE else timeout)

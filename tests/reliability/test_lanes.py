@@ -141,5 +141,9 @@ def test_interactive_jobs_time_out_sooner_than_batch_jobs():
             job.delete()  # RQ's job keys are global, not under the prefix
         assert timeouts == {INTERACTIVE: 7, BATCH: 600, WRITEBACK: 600}, timeouts
         assert Settings().osprey_interactive_job_timeout_s < Settings().osprey_job_timeout_s
+        lowered = JobQueue(connection, Settings(osprey_redis_prefix=settings.osprey_redis_prefix, osprey_job_timeout_s=8))
+        job = lowered.queues[INTERACTIVE].enqueue_call("builtins.len", args=([],))
+        job.delete()
+        assert job.timeout == 8  # never longer than the general timeout
     finally:
         purge_prefix(connection, settings.osprey_redis_prefix)

@@ -303,7 +303,9 @@ def test_a_sigkilled_run_leaves_the_current_version_and_the_next_run_succeeds(lo
     for scene in scenes(20, 5, CLASSES):
         fake.annotate(fake.add_task(scene.png_bytes(), project=3), task_result(scene))
     stop_group(loop["trainer"])
-    slow = start_training_worker(stack, "slow", OSPREY_TRAIN_STEPS="100000")
+    # A longer lock TTL for this run: between the kill and the look below, a loaded machine must not let
+    # the lock expire first (3 s left too little margin once: the heartbeat's last beat may be ~1 s old).
+    slow = start_training_worker(stack, "slow", OSPREY_TRAIN_STEPS="100000", OSPREY_TRAIN_LOCK_TTL_S="8")
     proc = subprocess.run([sys.executable, "-m", "backend.cli", "sync", "--project", "3"], cwd=REPO, env=stack.env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -318,7 +320,7 @@ def test_a_sigkilled_run_leaves_the_current_version_and_the_next_run_succeeds(lo
     stop_group(slow, signal.SIGKILL)  # mid-way: the worker; its job process (RQ's fork) dies with it
     wait_for(lambda: not os.path.exists(f"/proc/{owner['pid']}"), 10, "the job process to die with its worker")
     assert r.get(lock_key) is not None  # nobody released it ...
-    wait_for(lambda: r.get(lock_key) is None, 15, "the lock to expire")  # ... it expired
+    wait_for(lambda: r.get(lock_key) is None, 30, "the lock to expire")  # ... it expired
     assert r.get(f"{stack.prefix}:model:source") == serving
     assert (loop["model_dir"] / "registry" / "current").read_text() == current
     assert len(runs(stack)) == before  # the killed run recorded nothing
