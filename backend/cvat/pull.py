@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import io
-from collections.abc import Sequence
 from typing import Any
 
-from backend.cvat.relabel import DESCRIPTION_ATTRIBUTE, SHAPE_TYPES, RelabelError, make_client, shape_region
+from backend.cvat.relabel import DESCRIPTION_ATTRIBUTE, SHAPE_TYPES, make_client, shape_region
 
 MODEL_SOURCES = ("auto",)  # a model's shape; "semi-auto" is a person guiding a tool (clicks), kept
 
@@ -116,5 +115,3 @@ def run(args: argparse.Namespace, settings: Any) -> int:
         store.close()
     return 0
 
-
-__all__: Sequence[str] = ("pull", "shape_record", "register", "run", "RelabelError")
