@@ -25,7 +25,7 @@ import hmac
 import logging
 import re
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from fastapi import HTTPException, Request
 
@@ -119,7 +119,7 @@ def check_webhook_secret(request: Request, settings: Settings) -> None:
     )
 
 
-def auth_dependency(settings: Settings) -> Callable[[Request], None]:
+def auth_dependency(settings: Settings) -> Callable[[Request], Awaitable[None]]:
     """A FastAPI dependency for `Depends(...)` on every endpoint but /health; validates the settings now."""
     mode = auth_mode(settings)
     if mode == "open":
@@ -130,13 +130,13 @@ def auth_dependency(settings: Settings) -> Callable[[Request], None]:
     else:
         logger.info("endpoint auth: %s", mode)
 
-    def dependency(request: Request) -> None:
+    async def dependency(request: Request) -> None:  # async: a header check needs no thread of its own
         require_auth(request, settings)
 
     return dependency
 
 
-def webhook_dependency(settings: Settings) -> Callable[[Request], None]:
+def webhook_dependency(settings: Settings) -> Callable[[Request], Awaitable[None]]:
     """A FastAPI dependency for `POST /webhook`."""
     mode = auth_mode(settings)  # fails fast on inconsistent settings
     if settings.osprey_webhook_secret is None and mode != "open":
@@ -145,7 +145,7 @@ def webhook_dependency(settings: Settings) -> Callable[[Request], None]:
             "will be refused with 401"
         )
 
-    def dependency(request: Request) -> None:
+    async def dependency(request: Request) -> None:
         check_webhook_secret(request, settings)
 
     return dependency

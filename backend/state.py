@@ -31,6 +31,7 @@ class AppState:
         self._queue: JobQueue | None = None
         self._lock = threading.Lock()
         self.last_model: dict | None = None
+        self._model_read_at = 0.0
 
     def queue(self) -> JobQueue:
         if self._queue is None:
@@ -50,13 +51,19 @@ class AppState:
                        f"({type(exc).__name__}: {exc}); requests work again as soon as it is back")
         return JSONResponse({"detail": message}, status_code=503, headers={"Retry-After": "5"})
 
-    def model_version(self, wait_s: float = 0.0) -> str:
-        """The version workers serve, as announced in Redis; waits up to `wait_s` for the first worker."""
+    def model_version(self, wait_s: float = 0.0, max_age_s: float = 0.0) -> str:
+        """The version workers serve, as announced in Redis; waits up to `wait_s` for the first worker.
+
+        `max_age_s`: a version read that long ago is still good (/predict: it only names the job, whose
+        output carries the version that really answered; a promotion shows up at most that late)."""
+        if max_age_s > 0 and self.last_model and time.monotonic() - self._model_read_at < max_age_s:
+            return self.last_model["version"]
         deadline = time.monotonic() + wait_s
         while True:
             current = self.queue().current_model()
             if current:
                 self.last_model = current
+                self._model_read_at = time.monotonic()
                 return current["version"]
             if time.monotonic() >= deadline:
                 raise HTTPException(

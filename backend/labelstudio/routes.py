@@ -35,6 +35,7 @@ from training.schedule import training_status
 logger = logging.getLogger(__name__)
 
 _PLAN_CACHE_SIZE = 64
+_VERSION_MAX_AGE_S = 0.5  # /predict names its jobs with a model version read at most this long ago
 _ACTION_MAX = 64  # Label Studio's actions are short upper-case words (ANNOTATION_CREATED, ...)
 _EVENT_IDS_MAX = 1_000  # ids kept per list; more -> sync the whole project
 # Each entry is < ~40 KB (1,000 ids), so the stream stays bounded in bytes under `noeviction`.
@@ -181,7 +182,7 @@ class LabelStudioBackend:
         context = params.get("context")
         if context is not None and not isinstance(context, dict):
             raise HTTPException(422, f"params.context must be an object or null, got {type(context).__name__}")
-        model_version = self.state.model_version()
+        model_version = self.state.model_version(max_age_s=_VERSION_MAX_AGE_S)
         if isinstance(context, dict) and "result" in context:
             return self.interactive(body.tasks, context, plan, model_version, project=body.project)
         return self.batch(body.tasks, plan, model_version, project=body.project)
@@ -208,9 +209,9 @@ class LabelStudioBackend:
             job_plan["label_mode"] = "keep"
         spec = JobSpec(INTERACTIVE, task_id, image_url, [r.to_dict() for r in regions], job_plan,
                        model_version, queue.keys.prefix)
-        fresh = self._submit(queue, spec)
-        output = queue.wait([spec.job_id], self.settings.osprey_interactive_timeout_s,
-                            require_worker=True).get(spec.job_id)  # 503 when no worker is alive
+        fresh, output = queue.submit_and_wait(spec, self.settings.osprey_interactive_timeout_s,
+                                              require_worker=True)  # 503 when no worker is alive
+        self._count_submit(spec, fresh)
         if output is None:
             self.metrics.jobs.labels(INTERACTIVE, "timeout").inc()
             snap = queue.snapshot()
@@ -300,8 +301,11 @@ class LabelStudioBackend:
 
     def _submit(self, queue: JobQueue, spec: JobSpec) -> bool:
         enqueued = queue.submit(spec)
-        self.metrics.jobs.labels(spec.kind, "enqueued" if enqueued else "deduplicated").inc()
+        self._count_submit(spec, enqueued)
         return enqueued
+
+    def _count_submit(self, spec: JobSpec, enqueued: bool) -> None:
+        self.metrics.jobs.labels(spec.kind, "enqueued" if enqueued else "deduplicated").inc()
 
     def _observe(self, kind: str, output: dict, fresh: bool) -> None:
         """Count an output; its compute time only once, by the request that enqueued the job."""

@@ -80,7 +80,7 @@ from backend.queue.keys import (  # noqa: F401 - re-exported: callers import the
     canonical_json,
     content_digest,
 )
-from backend.queue.listener import DoneListener
+from backend.queue.listener import MESSAGE_OUTPUT_MAX, DoneListener, Waiter
 from backend.queue.retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -94,13 +94,18 @@ ERROR_TTL_S = 30  # error outputs expire fast: the same request after a fix (fil
 _SWEEP_S = 1.0  # how often a waiter re-reads on its own (lost pub/sub messages, failed jobs, dead workers)
 _LIVE_CACHE_S = 0.5
 
-# KEYS: out, handoff, pending, stats. ARGV: output json, ttl, job id, counter to bump, done channel.
+# KEYS: out, handoff, pending, stats. ARGV: output json, ttl, job id, counter to bump, done channel, the
+# largest output the done message carries (listener.py: "<job id>" or "<job id>\n<output>").
 # Returns the delivery function named by the hand-off, or nil when the job was not handed off.
 PUBLISH_LUA = """
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('HINCRBY', KEYS[4], ARGV[4], 1)
-redis.call('PUBLISH', ARGV[5], ARGV[3])
+if string.len(ARGV[1]) <= tonumber(ARGV[6]) then
+  redis.call('PUBLISH', ARGV[5], ARGV[3] .. '\\n' .. ARGV[1])
+else
+  redis.call('PUBLISH', ARGV[5], ARGV[3])
+end
 local delivery = redis.call('GET', KEYS[2])
 if delivery then
   redis.call('EXPIRE', KEYS[2], ARGV[2])
@@ -205,7 +210,7 @@ def publish_output(connection: Redis, keys: RedisKeys, job_id: str, output: dict
     """Store `output`, wake its waiters, bump `counter`; returns the hand-off's delivery function or None."""
     script = connection.register_script(PUBLISH_LUA)
     delivery = script(keys=[keys.out(job_id), keys.handoff(job_id), keys.pending, keys.stats],
-                      args=[canonical_json(output), ttl, job_id, counter, keys.done_channel])
+                      args=[canonical_json(output), ttl, job_id, counter, keys.done_channel, MESSAGE_OUTPUT_MAX])
     if delivery is None:
         return None
     return delivery.decode() if isinstance(delivery, bytes) else str(delivery)
@@ -427,12 +432,16 @@ class JobQueue:
     def release_batch_slot(self, worker: str) -> None:
         self.connection.zrem(self.keys.batch_slots, worker)
 
-    def submit(self, spec: JobSpec) -> bool:
+    def submit(self, spec: JobSpec, admit: bool = True) -> bool:
         """Enqueue `spec` unless the same work is queued, running or finished. True if enqueued now.
 
         Raises QueueBusy (429) or NoWorker (503) when the request should be shed (see `admit`)."""
-        self.admit(spec.kind)
+        if admit:
+            self.admit(spec.kind)
         for _ in range(3):
+            # RQ registers the queue name (SADD) on the pipeline it is given, and runs its atomic unique
+            # enqueue on its own; the registration and our pending entry then share one round trip.
+            pipe = self.connection.pipeline(transaction=False)
             try:
                 self._lane(spec).enqueue_call(
                     PREDICT_FUNC,
@@ -444,16 +453,35 @@ class JobQueue:
                     failure_ttl=self.result_ttl,
                     description=f"predict task {spec.task_id} ({spec.kind})",
                     on_failure=Callback(FAILURE_CALLBACK),
+                    pipeline=pipe,
                 )
-                self.connection.zadd(self.keys.pending, {spec.job_id: time.time()})
-                if spec.kind == BATCH and spec.group:
-                    self._ring_add(keys=[self.keys.batch_ring], args=[spec.group])
-                    self.feed()
-                return True
             except DuplicateJobError:
+                pipe.execute()
                 if self._reusable(spec.job_id):
                     return False
+                continue
+            pipe.zadd(self.keys.pending, {spec.job_id: time.time()})
+            pipe.execute()
+            if spec.kind == BATCH and spec.group:
+                self._ring_add(keys=[self.keys.batch_ring], args=[spec.group])
+                self.feed()
+            return True
         raise RuntimeError(f"could not enqueue job {spec.job_id}: it keeps changing state")
+
+    def submit_and_wait(self, spec: JobSpec, timeout_s: float, require_worker: bool = False) -> tuple[bool, dict | None]:
+        """`submit` then `wait` for that one job: (enqueued now, its output or None on timeout).
+
+        The waiter is registered before the enqueue, so the output of a job enqueued here arrives by its
+        done message alone: no read before the wait, and none after it for an output the message carries."""
+        self.admit(spec.kind)
+        listener = self.listener()
+        waiter = listener.watch([spec.job_id])
+        try:
+            fresh = self.submit(spec, admit=False)
+            found = self.wait([spec.job_id], timeout_s, require_worker, waiter=waiter, read_first=not fresh)
+        finally:
+            listener.unwatch([spec.job_id], waiter)
+        return fresh, found.get(spec.job_id)
 
     def _reusable(self, job_id: str) -> bool:
         """Whether an existing job will (or did) produce an output; otherwise delete it for a fresh start."""
@@ -478,24 +506,33 @@ class JobQueue:
         values = self.connection.mget([self.keys.out(j) for j in ids])
         return {j: json.loads(v) for j, v in zip(ids, values, strict=True) if v is not None}
 
-    def wait(self, job_ids: Iterable[str], timeout_s: float, require_worker: bool = False) -> dict[str, dict]:
+    def wait(self, job_ids: Iterable[str], timeout_s: float, require_worker: bool = False,
+             waiter: Waiter | None = None, read_first: bool = True) -> dict[str, dict]:
         """Block until every job has published an output or `timeout_s` passed; returns what is there.
 
-        Holds no Redis connection while blocked (one listener per process wakes it). With
-        `require_worker`, a wait during which no worker is alive ends with a 503 output for each job."""
+        Holds no Redis connection while blocked (one listener per process wakes it, and hands over the
+        outputs its done messages carry). With `require_worker`, a wait during which no worker is alive
+        ends with a 503 output for each job. `waiter`: one the caller registered (`listener().watch`)
+        before enqueueing; with `read_first=False` the outputs are not read before the first wake-up (the
+        caller enqueued the jobs after registering, so nothing can be there that no message announces)."""
         deadline = time.monotonic() + max(0.0, timeout_s)
         pending = list(dict.fromkeys(job_ids))
         found: dict[str, dict] = {}
         if not pending:
             return found
         listener = self.listener()
-        event = listener.watch(pending)
+        event = waiter if waiter is not None else listener.watch(pending)
         try:
             first = True
+            read = read_first
             while pending:
                 event.clear()  # before reading: a publish after this read sets it again
-                found.update(self.outputs(pending))
+                found.update(event.take(pending))
                 pending = [j for j in pending if j not in found]
+                if pending and read:
+                    found.update(self.outputs(pending))
+                    pending = [j for j in pending if j not in found]
+                read = True
                 remaining = deadline - time.monotonic()
                 if not pending or remaining <= 0:
                     break
@@ -516,7 +553,8 @@ class JobQueue:
                 first = False
                 event.wait(min(remaining, _SWEEP_S))
         finally:
-            listener.unwatch(list(dict.fromkeys(job_ids)), event)
+            if waiter is None:
+                listener.unwatch(list(dict.fromkeys(job_ids)), event)
         return found
 
     def record_hang(self, job_id: str, worker: str, after_s: float) -> None:
@@ -664,18 +702,21 @@ class JobQueue:
                                  output["error"]["message"])
         return True
 
-    def job_starting(self, job_id: str, default_source: str, release_slot_of: str | None = None) -> tuple[int, str]:
-        """At the start of a job, in one round trip: count its run, read the announced model source
-        (`wanted_model_source`) and, with `release_slot_of`, free that worker's batch slot.
-        Returns (runs so far, model source)."""
-        pipe = self.connection.pipeline(transaction=False)
-        pipe.hincrby(self.keys.job_runs, job_id, 1)
-        pipe.expire(self.keys.job_runs, max(self.result_ttl, 3600))
-        pipe.get(self.keys.model_source)
+    def job_starting(self, job_id: str, release_slot_of: str | None = None, pipeline: Any = None) -> None:
+        """At the start of a job, queued on the worker's start `pipeline`: count its run, read the announced
+        model source (`wanted_model_source`) and, with `release_slot_of`, free that worker's batch slot.
+        `started_source` reads the source from the pipeline's results from here on."""
+        pipeline.hincrby(self.keys.job_runs, job_id, 1)
+        pipeline.expire(self.keys.job_runs, max(self.result_ttl, 3600))
+        pipeline.get(self.keys.model_source)
         if release_slot_of is not None:
-            pipe.zrem(self.keys.batch_slots, release_slot_of)
-        runs, _, source = pipe.execute()[:3]
-        return int(runs), source.decode() if source is not None else default_source
+            pipeline.zrem(self.keys.batch_slots, release_slot_of)
+
+    @staticmethod
+    def started_source(results: Sequence[Any], default_source: str) -> str:
+        """The model source from the results of `job_starting`'s commands."""
+        source = results[2]
+        return source.decode() if source is not None else default_source
 
     def bump(self, counter: str, amount: int = 1) -> None:
         self.connection.hincrby(self.keys.stats, counter, amount)

@@ -62,11 +62,12 @@ from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
+from rq.executions import Execution
 from rq.job import Job
 from rq.queue import Queue
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
-from rq.utils import import_attribute
+from rq.utils import import_attribute, now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from backend.queue import handlers as jobs
@@ -77,6 +78,7 @@ logger = logging.getLogger(__name__)
 TEST_DELAY_ENV = "OSPREY_TEST_JOB_DELAY_S"
 TEST_HANG_TASK_ENV = "OSPREY_TEST_NATIVE_HANG_TASK"
 DEFAULT_QUEUES = (INTERACTIVE, BATCH, WRITEBACK)
+_HEARTBEAT_COALESCE_S = 1.0
 
 
 def media_origins(settings: Any) -> list[Any]:
@@ -217,28 +219,41 @@ class OspreyWorker(SimpleWorker):
         self._native_hang = _native_hang_hook()
         self._slot_to_release = False  # an interactive job came while holding a batch slot
         self._idle_pending = False  # the "idle" state goes out with the next heartbeat
+        self._beat_at = float("-inf")  # monotonic time of the last heartbeat sent
+        self._sent_state: str | None = None  # the state last written to Redis
+        self._start_pipe: Any = None  # prepare_execution's commands, sent with prepare_job_execution's
+        self._release_on_start = False
 
     # RQ writes the worker's heartbeat as three commands and its "idle" state as a fourth, each a round trip,
-    # up to three times per job; here each heartbeat is one pipeline that also carries a pending "idle".
+    # up to three times per job; here each heartbeat is one pipeline that also carries a pending "idle",
+    # and a heartbeat less than a second after the last one is skipped (the worker key lives >= 3 beats).
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         if pipeline is not None:
             super().heartbeat(timeout, pipeline)
+            self._beat_at = time.monotonic()
+            return
+        if not self._idle_pending and time.monotonic() - self._beat_at < _HEARTBEAT_COALESCE_S:
             return
         with self.connection.pipeline() as pipe:
             if self._idle_pending:
                 super().set_state(WorkerStatus.IDLE, pipe)
             super().heartbeat(timeout, pipe)
             pipe.execute()
+        if self._idle_pending:
+            self._sent_state = WorkerStatus.IDLE
         self._idle_pending = False
+        self._beat_at = time.monotonic()
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
-        """RQ follows every "idle" with a heartbeat (after a job, and before each dequeue): send them together."""
+        """RQ follows every "idle" with a heartbeat (after a job, and before each dequeue): send them together,
+        and only once between two jobs."""
         if state == WorkerStatus.IDLE and pipeline is None:
             self._state = state
-            self._idle_pending = True
+            self._idle_pending = self._sent_state != WorkerStatus.IDLE
             return
         self._idle_pending = False
         super().set_state(state, pipeline)
+        self._sent_state = state
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None,
                                      max_idle_time: int | None = None) -> tuple[Job, Queue] | None:
@@ -280,22 +295,23 @@ class OspreyWorker(SimpleWorker):
         """A running job's registry entry lives three beats; the beat thread keeps it alive."""
         return 3 * self.heartbeat_s
 
+    def prepare_execution(self, job: Job) -> Any:
+        """RQ's execution record and "busy" state, queued on a pipeline that `prepare_job_execution` sends
+        with its own commands: one round trip from dequeue to start instead of three."""
+        pipe = self.connection.pipeline()
+        execution = Execution.create(job, self.get_heartbeat_ttl(job), pipeline=pipe, worker_name=self.name)
+        self.executions[execution.id] = execution
+        self.set_state(WorkerStatus.BUSY, pipeline=pipe)
+        self._start_pipe = pipe
+        return execution
+
     def perform_job(self, job: Job, queue: Queue, execution: Any) -> bool:
         stop = threading.Event()
         beat = threading.Thread(target=self._beat, args=(job, execution, stop), daemon=True,
                                 name="osprey-heartbeat")
         beat.start()
-        release, self._slot_to_release = self._slot_to_release, False
+        self._release_on_start, self._slot_to_release = self._slot_to_release, False
         try:
-            try:
-                _, wanted = self.runtime.queue.job_starting(job.id, self.runtime.settings.osprey_model,
-                                                            release_slot_of=self.name if release else None)
-                if self.runtime.engine is not None:
-                    self.runtime.refresh_model(wanted)
-            except RedisError:
-                logger.warning("could not check the announced model version; keeping %s", self.runtime.source)
-            if self.test_job_delay_s:
-                time.sleep(self.test_job_delay_s)
             return super().perform_job(job, queue, execution)
         finally:
             stop.set()
@@ -304,8 +320,29 @@ class OspreyWorker(SimpleWorker):
                 self._release_slot()
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
-        """RQ marks the job started here; the test-only native hang runs right after, as a model call would."""
-        super().prepare_job_execution(job, remove_from_intermediate_queue)
+        """RQ marks the job started here (its commands as in rq 3.0's ``prepare_job_execution``), in the
+        same round trip as `prepare_execution`'s and ours: count the run, read the announced model source,
+        free a batch slot. Then the model is swapped if a promotion happened, and the test hooks run."""
+        pipe, self._start_pipe = self._start_pipe, None
+        if pipe is None:
+            pipe = self.connection.pipeline()
+        release = self.name if self._release_on_start else None
+        with pipe:
+            ttl = self.get_heartbeat_ttl(job)
+            self.heartbeat(ttl, pipeline=pipe)
+            job.heartbeat(now(), ttl, pipeline=pipe)
+            job.prepare_for_execution(self.name, pipeline=pipe)
+            pipe.persist(job.key)
+            if remove_from_intermediate_queue:
+                pipe.lrem(Queue(job.origin, connection=self.connection).intermediate_queue_key, 1, job.id)
+            first = len(pipe)
+            self.runtime.queue.job_starting(job.id, release_slot_of=release, pipeline=pipe)
+            results = pipe.execute()
+        wanted = self.runtime.queue.started_source(results[first:], self.runtime.settings.osprey_model)
+        if self.runtime.engine is not None:
+            self.runtime.refresh_model(wanted)
+        if self.test_job_delay_s:
+            time.sleep(self.test_job_delay_s)
         if self._native_hang is not None:
             self._native_hang(job)
 
