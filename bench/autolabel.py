@@ -2,8 +2,8 @@
 
 Images are the synthetic shapes scenes (training/synthetic.py, exact masks), so the proposer's recall and
 precision at IoU >= 0.5 are printed too. The model is the tiny random-weight preset on CPU by default
-(`--model`, `--device cuda` for the 7B shapes with `--random-weights` semantics of the presets: a preset
-name builds random weights of its shapes, no download). Stages are timed separately on the same
+(`--model osprey-7b --random-weights --device cuda --dtype bfloat16` for the 7B shapes on a GPU: random
+weights of the real shapes, no download; `bench/gpu_check.sh` runs it). Stages are timed separately on the same
 proposals: `proposals` (proposer + filter), `classify` (category + attribute scoring), `describe`
 (short descriptions). Prints a table; `--json` prints one JSON object instead.
 
@@ -29,6 +29,9 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2, help="torch threads on CPU (default 2)")
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--random-weights", action="store_true",
+                    help="random weights of --model's real shapes, e.g. osprey-7b on a GPU (no download)")
+    ap.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 on a GPU")
     ap.add_argument("--sam-checkpoint", help="use SAM's automatic mask generator for proposals")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -42,7 +45,12 @@ def main() -> int:
     from training.synthetic import COLOURS, SHAPES, SIZES, generate
 
     torch.set_num_threads(args.threads)
-    engine = load_engine(args.model, device=args.device, max_new_tokens=args.max_new_tokens)
+    if args.random_weights:
+        from engine_throughput import random_engine
+
+        engine = random_engine(args.model, args.device, args.dtype, args.max_new_tokens)
+    else:
+        engine = load_engine(args.model, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens)
     proposer = build_proposer(args.sam_checkpoint, device=args.device)
     scenes = list(generate(args.images, seed=3, image_size=args.size))
     classify_plan = Plan(categories=(Category("category", SHAPES),),
@@ -83,7 +91,8 @@ def main() -> int:
     n = len(scenes)
     total = sum(t.values())
     out = {
-        "model": args.model, "device": args.device, "threads": args.threads, "images": n, "image_size": args.size,
+        "model": args.model + (" (random weights)" if args.random_weights else ""), "device": args.device,
+        "dtype": str(engine.model.dtype), "threads": args.threads, "images": n, "image_size": args.size,
         "proposer": "sam" if args.sam_checkpoint else "classical", "regions": regions,
         "regions_per_image": regions / n, "recall_iou50": hits / max(truths, 1), "precision_iou50": good / max(regions, 1),
         "stages": {k: {"seconds": v, "images_per_s": n / v if v else None,

@@ -83,10 +83,8 @@ def main() -> None:
         ap.error(f"--preset {args.preset} has no weights here: pass --random-weights (same shapes, same cost)")
     device = torch.device(args.device)
     torch.set_grad_enabled(False)
-    model = build_model(args.preset, device=device, dtype=args.dtype)
-    tokenizer = build_tiny_tokenizer(model.cfg.text.vocab_size) if args.preset == "tiny" else _llama_like_tokenizer(model)
-    # random weights of a fixed seed: a label, not a content hash (hashing the 7B would add ~1 min here)
-    engine = RegionEngine(model, tokenizer, model_version=f"{args.preset}-random-seed0")
+    engine = random_engine(args.preset, device, args.dtype)
+    model, tokenizer = engine.model, engine.tokenizer
     labels = LABELS[: args.labels]
     question = conv.category_question()
     text = conv.chat_prompt(question)
@@ -135,6 +133,15 @@ def main() -> None:
         print(f"* plain timed on {args.plain_max_regions} regions, per-region cost extrapolated")
     if "peak_gpu_memory_gib" in result:
         print(f"peak GPU memory {result['peak_gpu_memory_gib']:.2f} GiB on {result['gpu']}")
+
+
+def random_engine(preset: str, device: str | torch.device, dtype: str | None = None,
+                  max_new_tokens: int = 64) -> RegionEngine:
+    """An engine over random weights of `preset`'s real shapes (no download; same cost as the real model)."""
+    model = build_model(preset, device=torch.device(device), dtype=dtype)
+    tokenizer = build_tiny_tokenizer(model.cfg.text.vocab_size) if preset == "tiny" else _llama_like_tokenizer(model)
+    # random weights of a fixed seed: a label, not a content hash (hashing the 7B would add ~1 min here)
+    return RegionEngine(model, tokenizer, model_version=f"{preset}-random-seed0", max_new_tokens=max_new_tokens)
 
 
 def _llama_like_tokenizer(model):

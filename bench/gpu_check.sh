@@ -12,7 +12,7 @@
 #       --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
 # then run there (device tool, carry [".whl"]):  bash bench/gpu_check.sh
 # Outputs land in $OUT: gpu.txt, gpu_tests.log, bench_7b.json, bench_tiny_cuda.json, gpu_memory.json,
-# bench_train_7b.json
+# bench_autolabel_7b.json, bench_train_7b.json
 # (copy the numbers into docs/gpu.md and BENCHMARKS.md with the date and GPU model from gpu.txt).
 set -uo pipefail
 OUT=${OUT:-/tmp/osprey-gpu}
@@ -35,6 +35,9 @@ python3 bench/engine_throughput.py --preset osprey-7b --random-weights --device 
 python3 bench/engine_throughput.py --device cuda --dtype bfloat16 --json | tee "$OUT/bench_tiny_cuda.json"
 python3 bench/gpu_memory.py --modes bf16,8bit,4bit --sam none,vit_b,vit_h --regions 16 --labels 20 --json \
   | tail -1 | tee "$OUT/gpu_memory.json"
+# Auto-labeling by stage with the 7B shapes (classical proposer: no SAM weights here).
+python3 bench/autolabel.py --model osprey-7b --random-weights --device cuda --dtype bfloat16 --images 8 \
+  --json | tee "$OUT/bench_autolabel_7b.json"
 # Last (the longest: writes a ~14 GB random 7B checkpoint first): LoRA fine-tuning samples/s and peak memory.
 timeout 240 python3 bench/training.py --presets osprey-7b --random-weights --modes lora --device cuda \
   --steps 5 --batch-size 4 --json | tee "$OUT/bench_train_7b.json"
