@@ -11,7 +11,7 @@ only writes `<out>` (atomically) when all are done. A bad image (unreadable, not
 recorded as skipped and does not stop the run. Images are decoded ahead in a thread while the model works
 on the current one, and the regions of each image are scored in one batch.
 
-`--labelstudio-project ID` writes the answers as predictions (brush regions with scores) into the tasks of
+`--labelstudio-project ID` writes the answers as predictions (brush, polygon or box regions with scores) into the tasks of
 a Label Studio project instead (LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY), skipping tasks that already
 have regions.
 """

@@ -1,11 +1,13 @@
 """`osprey autolabel --labelstudio-project ID`: auto-label the region-less tasks of a Label Studio project
-and store the answers as predictions (brush regions with scores) through its API.
+and store the answers as predictions (brush, polygon or box regions with scores, as the config's region
+tool draws them: backend/labelstudio/autolabel.py `region_tool`) through its API.
 
 The same path as "Retrieve Predictions" on region-less tasks (backend/labelstudio/autolabel.py), but run
 from the command line in one process, for a whole project, without a queue. Resumable by construction:
 a task that already has regions (annotations or predictions) or a prediction of this model version is
 skipped, so a rerun after an interruption continues where it stopped. A task whose image cannot be
-fetched or read is reported and skipped.
+fetched or read is reported and skipped; one whose image has no objects gets an empty prediction, as from
+"Retrieve Predictions" (`found_nothing` there says why).
 """
 
 from __future__ import annotations
@@ -35,10 +37,9 @@ def project_tasks(client: Any, project: int, page_size: int = 100) -> Iterator[d
 
 def autolabel_project(args: Any, settings: Any, engine: Any, proposer: Any, options: AutolabelOptions,
                       err: Any) -> int:
-    from dataclasses import replace
-
     from tqdm import tqdm
 
+    from backend.labelstudio.autolabel import NO_TOOL, tool_options
     from backend.labelstudio.client import LabelStudioClient, media_origins
     from backend.labelstudio.config import parse_label_config
     from backend.labelstudio.regions import select_result, task_image_url
@@ -48,12 +49,11 @@ def autolabel_project(args: Any, settings: Any, engine: Any, proposer: Any, opti
     client = LabelStudioClient.from_settings(settings)
     project = client.get_project(args.labelstudio_project)
     ls_plan = parse_label_config(project["label_config"])
-    brush = ls_plan.brush_tool
-    if brush is None:
-        raise AutolabelError("the project's labeling config has no Brush/BrushLabels tool for proposed masks")
+    tooled = tool_options(ls_plan, options)
+    if tooled is None:
+        raise AutolabelError(f"project {args.labelstudio_project}: {NO_TOOL}")
+    options = tooled
     plan = ls_plan.to_plan()
-    meta = {"from_name": brush.name, "to_name": ls_plan.image, "type": brush.type, "image_rotation": 0.0}
-    options = replace(options, geometry="brush_rle", meta=meta)
     media = MediaFetcher(settings, media_origins(settings))
     version = engine.model_version
     done = skipped = failed = 0
@@ -73,11 +73,10 @@ def autolabel_project(args: Any, settings: Any, engine: Any, proposer: Any, opti
             print(f"task {task['id']} skipped: {type(exc).__name__}: {exc}", file=err)
             continue
         pred = prediction_from_answers(result.answers, result.specs, plan, version)
-        if pred["result"]:
-            client.create_prediction(task["id"], pred["result"], pred["score"], version)
-            done += 1
-        else:
-            print(f"task {task['id']}: no object found, no prediction stored", file=err)
+        client.create_prediction(task["id"], pred["result"], pred["score"], version)
+        done += 1
+        if not pred["result"]:
+            print(f"task {task['id']}: no object found, an empty prediction stored", file=err)
     print(f"project {args.labelstudio_project}: {done} task(s) predicted, {skipped} skipped (regions or an "
           f"earlier prediction of {version}), {failed} failed", file=err)
     return 1 if failed and not done else 0

@@ -11,8 +11,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from backend.queue.retry import RetryPolicy
 
 
 class Settings(BaseSettings):
@@ -110,9 +112,16 @@ class Settings(BaseSettings):
         "backend.labelstudio.writeback.writeback_job",
         description="Dotted name of the job that delivers handed-off batch outputs (runs on the writeback queue).",
     )
-    osprey_writeback_retries: int = Field(5, description="Retries of a write-back that got no answer or a 5xx.")
+    osprey_writeback_retry_for_s: float = Field(
+        600.0, ge=0, le=30 * 24 * 3600,
+        description="How long a write-back that got no answer or a 5xx (Label Studio down) is retried: the retries "
+                    "(OSPREY_WRITEBACK_BACKOFF_S, x3 each time, at most 600 s apart) add up to at least this; after "
+                    "the last one the task is recorded in `<prefix>:wb:failed`.")
+    osprey_writeback_retries: int | None = Field(
+        None, ge=0, description="Retries of a write-back that got no answer or a 5xx; unset: as many as "
+                                "OSPREY_WRITEBACK_RETRY_FOR_S needs (5 with the defaults: 5+15+45+135+405 s).")
     osprey_writeback_backoff_s: float = Field(
-        5.0, description="First interval between write-back retries (then x3 each time, at most 600 s)."
+        5.0, gt=0, description="First interval between write-back retries (then x3 each time, at most 600 s)."
     )
     osprey_worker_restart_backoff_s: float = Field(
         1.0, description="`osprey run`: first delay before restarting a dead worker (doubles per fast crash)."
@@ -163,6 +172,15 @@ class Settings(BaseSettings):
     osprey_media_cache_bytes: int = Field(
         1024 * 1024 * 1024, description="Decoded bytes the media cache may hold (evicts least recently used)."
     )
+
+    @model_validator(mode="after")
+    def _writeback_schedule(self) -> Settings:
+        """Derive the retry count from the period, so operators state how long an outage is outlasted
+        rather than a count whose total depends on the backoff (an explicit OSPREY_WRITEBACK_RETRIES wins)."""
+        if self.osprey_writeback_retries is None:
+            self.osprey_writeback_retries = RetryPolicy.covering(self.osprey_writeback_retry_for_s,
+                                                                 self.osprey_writeback_backoff_s).retries
+        return self
 
     @property
     def allowed_hosts(self) -> set[str]:

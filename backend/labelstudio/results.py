@@ -16,7 +16,15 @@ frontend does for per-region results:
 - per-region `Taxonomy`: geometry + `{"taxonomy": [[root, ..., leaf]]}` + `score` (path probability).
 
 Geometry comes back as received; a mask that SAM made (`RegionAnswer.mask`) becomes a brush region of the
-plan's mask target (`format: "rle"`, alpha 255) at the original image size.
+plan's mask target (`format: "rle"`, alpha 255) at the original image size. An auto-labeling proposal for a
+polygon or rectangle tool carries its outline in pixels (`meta["shape"]`, backend/service/autolabel.py);
+it becomes `{"points": [[x%, y%], ...], "closed": true}` or `{"x", "y", "width", "height", "rotation": 0}`
+in percent of the original size.
+
+`keep` mode (`output["disagreements"]`): the kept label's item also gets `meta` = `{"text": ["model: <label>
+(<score>)"], "model_label", "model_score", "agrees"}`, so the annotator sees in the region's details what
+the model would have picked. Label Studio 1.23 keeps `meta` on result items (protocol notes §3; its
+prediction validation ignores it, tests/e2e/test_autolabel.py posts such a prediction).
 
 Prediction score (`prediction`): the lowest score of any result item, i.e. of the least certain region
 category / attribute / taxonomy path. Label Studio sorts tasks by it for review ("prediction score"
@@ -94,9 +102,24 @@ def _region_results(answer: RegionAnswer, specs: dict[str, RegionSpec], plan: Pl
     meta = spec.meta
     if spec.kind == "brush_rle":
         geometry = {"format": "rle", "rle": spec.geometry["rle"]}
+    elif "shape" in meta:
+        geometry = shape_value(meta["shape"], spec.width, spec.height)
     else:
         geometry = dict(meta["value"])
     return RegionResults(answer.id, spec, meta["from_name"], meta["type"], geometry)
+
+
+def shape_value(shape: dict[str, Any], width: int, height: int) -> dict[str, Any]:
+    """A neutral polygon or box in pixels (backend/service/geometry.py `outline`) as a Label Studio value."""
+    def px(v: float, size: int) -> float:
+        return round(min(max(float(v) / size * 100, 0.0), 100.0), 4)
+
+    if shape.get("kind") == "polygon":
+        return {"points": [[px(x, width), px(y, height)] for x, y in shape["points"]], "closed": True}
+    if shape.get("kind") == "box":
+        return {"x": px(shape["x"], width), "y": px(shape["y"], height), "width": px(shape["width"], width),
+                "height": px(shape["height"], height), "rotation": 0}
+    raise TaskError(f"a region's shape must be a polygon or a box, got {shape.get('kind')!r}")
 
 
 def result_items(answers: Sequence[RegionAnswer], specs: Sequence[RegionSpec], plan: Plan) -> list[dict[str, Any]]:
@@ -133,4 +156,17 @@ def prediction_from_output(output: dict[str, Any]) -> dict[str, Any]:
     the answers with the regions and plan they answer."""
     answers = [RegionAnswer.from_dict(a) for a in output["answers"]]
     specs = [RegionSpec.from_dict(r) for r in output["regions"]]
-    return prediction_from_answers(answers, specs, Plan.from_dict(output["plan"]), output["model_version"])
+    result = result_items(answers, specs, Plan.from_dict(output["plan"]))
+    add_disagreements(result, output.get("disagreements") or ())
+    return prediction(result, output["model_version"])
+
+
+def add_disagreements(result: list[dict[str, Any]], disagreements: Iterable[dict[str, Any]]) -> None:
+    """`keep` mode: the model's own pick as `meta` of the item that holds the kept label (see above)."""
+    for d in disagreements:
+        item = next((i for i in result if i["id"] == d["region"] and i["from_name"] == d["category"]), None)
+        if item is None:
+            continue
+        score = float(d["model_score"])
+        item["meta"] = {"text": [f"model: {d['model_label']} ({score:.2f})"], "model_label": str(d["model_label"]),
+                        "model_score": score, "agrees": d["model_label"] == d["kept"]}

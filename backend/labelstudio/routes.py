@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backend.auth import auth_dependency, webhook_dependency
 from backend.errors import INPUT_ERRORS
-from backend.labelstudio.autolabel import autolabel_plan
+from backend.labelstudio.autolabel import autolabel_plan, found_nothing
 from backend.labelstudio.autolabel import why_not as autolabel_why_not
 from backend.labelstudio.config import PredictionPlan, parse_extra_params, parse_label_config
 from backend.labelstudio.regions import parse_context, select_regions, task_image_url
@@ -286,7 +286,7 @@ class LabelStudioBackend:
             if not output["ok"]:
                 return _placeholder(model_version, "error", output["error"]["message"])
             prediction = prediction_from_output(output)
-            if not prediction["result"]:
+            if not prediction["result"] and not found_nothing(output):  # an empty image: a real empty answer
                 return _placeholder(model_version, "empty", "the model suggested nothing for these regions; "
                                                             "an empty prediction is not stored")
             return prediction

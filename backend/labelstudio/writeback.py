@@ -9,7 +9,9 @@ What Label Studio receives for an unfinished task: a placeholder *without* a ``r
 1.23 skips such an entry (it logs it, with our message) and stores no prediction, so the task is not marked
 as predicted with an empty result; ``len(results) == len(tasks)`` still holds, so the other tasks are kept.
 An empty ``result`` list would be stored as a real (empty) prediction and the task would never be asked
-for again -- we never send one, neither in a response nor by write-back.
+for again -- we never send one for drawn regions, neither in a response nor by write-back. The one
+exception is an auto-labeled image on which the proposer found nothing: the empty prediction is its true
+answer (backend/labelstudio/autolabel.py ``found_nothing``), so it is written like any other.
 
 Guarantees, and how they are met:
 
@@ -26,11 +28,13 @@ Guarantees, and how they are met:
    - before POSTing, Label Studio's predictions of the task are listed; one with the same model_version
      *and the same result* (a crash between POST and the record, a POST whose answer was lost) is adopted
      instead of creating a second one. An older prediction with other regions is never adopted.
-3. *No empty predictions.* An output without result items is never POSTed.
+3. *No empty predictions* for drawn regions: such an output is never POSTed (an auto-labeled image with
+   no objects is, see above).
 4. *One retry policy.* Each run of ``writeback_job`` makes one attempt (the client does not retry); a
    failure without an answer or with a 5xx raises, and RQ re-queues the job after growing intervals
-   (``backend/queue/retry.py``, OSPREY_WRITEBACK_RETRIES / OSPREY_WRITEBACK_BACKOFF_S) from the writeback
-   worker's scheduler -- nothing sleeps in a worker. A 4xx is final at once (retrying cannot fix it).
+   (``backend/queue/retry.py``: from OSPREY_WRITEBACK_BACKOFF_S, x3, capped, as many as add up to
+   OSPREY_WRITEBACK_RETRY_FOR_S) from the writeback worker's scheduler -- nothing sleeps in a worker.
+   A 4xx is final at once (retrying cannot fix it).
 5. *No task silently without prediction.* A task that ends without a prediction (its image is gone, its
    regions yield nothing, a 4xx, all retries failed) is logged at ERROR, counted
    (``osprey_worker_events_total{event="writeback_undeliverable"}``) and recorded with its reason in the
@@ -100,17 +104,19 @@ class WriteBack:
             return self._undeliverable(task_id, job_id, "the job handed over no output")
         if not output.get("ok"):
             return self._undeliverable(task_id, job_id, output["error"]["message"])
+        from backend.labelstudio.autolabel import found_nothing
         from backend.labelstudio.results import prediction_from_output
 
-        return self.deliver(task_id, prediction_from_output(output), job_id)
+        return self.deliver(task_id, prediction_from_output(output), job_id, allow_empty=found_nothing(output))
 
-    def deliver(self, task_id: int, prediction: dict, job_id: str) -> str:
+    def deliver(self, task_id: int, prediction: dict, job_id: str, allow_empty: bool = False) -> str:
         """POST `prediction` for `task_id` unless this content was delivered already.
 
         Returns "created", "exists" (adopted an identical prediction), "already_written" or "undeliverable".
         Raises LabelStudioError when Label Studio did not accept it (the caller decides about a retry).
+        `allow_empty`: an empty result is the answer (an auto-labeled image without objects), not a failure.
         """
-        if not prediction.get("result"):
+        if not prediction.get("result") and not allow_empty:
             return self._undeliverable(task_id, job_id, "the model suggested nothing (empty predictions are never stored)")
         model_version = prediction["model_version"]
         record_key = self.keys.writeback_record(task_id, job_id)

@@ -143,5 +143,5 @@ on_writeback_failure = on_delivery_failure  # the name jobs enqueued before the 
 
 def _reason(output: dict) -> str:
     if output.get("ok"):
-        return "the model suggested nothing for its regions (empty predictions are never stored)"
+        return "the model suggested nothing for the regions drawn (such an empty prediction is not stored)"
     return output["error"]["message"]

@@ -22,9 +22,28 @@ class RetryPolicy:
     factor: float = 3.0
     max_s: float = 600.0
 
+    def interval(self, n: int) -> int:
+        """Whole seconds before retry number `n` (0-based): RQ's `Retry(interval=...)` takes integers."""
+        try:
+            grown = self.first_s * self.factor**n
+        except OverflowError:  # hundreds of retries (a period of days): long past the cap
+            grown = self.max_s
+        return max(1, int(min(self.max_s, grown)))
+
     def intervals(self) -> list[int]:
-        """Whole seconds between attempts (RQ's `Retry(interval=...)` takes integers)."""
-        return [max(1, int(min(self.max_s, self.first_s * self.factor**n))) for n in range(self.retries)]
+        """The intervals of all `retries`, in order."""
+        return [self.interval(n) for n in range(self.retries)]
+
+    @classmethod
+    def covering(cls, period_s: float, first_s: float, factor: float = 3.0, max_s: float = 600.0) -> RetryPolicy:
+        """The fewest retries whose intervals add up to at least `period_s`, so an outage of the other service
+        shorter than the period is outlasted whatever backoff it starts from (each interval stays capped)."""
+        policy = cls(retries=0, first_s=first_s, factor=factor, max_s=max_s)
+        retries, total = 0, 0
+        while total < period_s:
+            total += policy.interval(retries)
+            retries += 1
+        return cls(retries=retries, first_s=first_s, factor=factor, max_s=max_s)
 
     def delay(self, attempt: int) -> float:
         """Seconds before retry number `attempt` (0-based) for in-process callers."""

@@ -3,8 +3,11 @@
 Why here: Label Studio batch tasks without regions, `osprey autolabel` (COCO), CVAT's detection function and
 nuclio handler all need the same thing -- "every object of this image, classified, with attributes and
 descriptions" -- so the proposals become ordinary `RegionSpec`s (COCO RLE, or Label Studio brush RLE with
-the adapter's `meta`) and go through `backend.service.predict.predict_regions` like drawn regions. Nothing
-here knows a tool's wire format; adapters pass what they need through `AutolabelOptions.meta`.
+the adapter's `meta`) and go through `backend.service.predict.predict_regions` like drawn regions. For a
+tool that draws shapes, not masks, `shape` adds the mask's outline (`backend.service.geometry.outline`: a
+polygon or box in pixels) as `meta["shape"]`; the model still sees the exact mask, so a region's answers do
+not depend on the tool that shows it. Nothing here knows a tool's wire format; adapters pass what they need
+through `AutolabelOptions.meta`, `categories` and `tags`.
 
 Interactive `keep` mode (`apply_label_mode`) lives here too because it is the same kind of step: a
 pre-pass on the specs and a post-pass on the answers around the one predict path.
@@ -19,12 +22,14 @@ from typing import Any, Literal
 
 from backend.errors import InputError
 from backend.service import labels as scoring
+from backend.service.geometry import OUTLINES, outline, rasterise
 from backend.service.predict import image_size, predict_regions
 from backend.service.tasks import Plan, RegionAnswer, RegionSpec
 from osprey_core.proposals import Proposal, ProposalFilter, Proposer, build_proposer, filter_proposals
 from osprey_core.regions import Region
 
 LABEL_MODES = ("suggest", "keep")
+SHAPES = ("mask", *OUTLINES)
 
 
 class AutolabelError(InputError):
@@ -37,7 +42,10 @@ class AutolabelOptions:
 
     `enabled`: whether region-less tasks are auto-labeled at all; `max_regions`, `min_area`, `max_area`
     (fractions of the image), `min_score`, `max_overlap`: the proposal filter; `geometry`: `rle` (COCO) or
-    `brush_rle` (Label Studio); `meta`: the adapter's fields copied into every proposal's `RegionSpec.meta`.
+    `brush_rle` (Label Studio); `shape`: `mask` (the tool shows the mask itself), `polygon` or `box` (its
+    outline goes into `meta["shape"]`); `meta`: the adapter's fields copied into every proposal's
+    `RegionSpec.meta`; `categories` / `tags`: those of every proposal (None: the plan's mask target's, else
+    every category of the plan).
     """
 
     enabled: bool = True
@@ -47,11 +55,20 @@ class AutolabelOptions:
     min_score: float = 0.0
     max_overlap: float = 0.7
     geometry: Literal["rle", "brush_rle"] = "rle"
+    shape: Literal["mask", "polygon", "box"] = "mask"
     meta: dict[str, Any] = field(default_factory=dict)
+    categories: list[str] | None = None
+    tags: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.geometry not in ("rle", "brush_rle"):
             raise AutolabelError(f"autolabel geometry must be 'rle' or 'brush_rle', got {self.geometry!r}")
+        if self.shape not in SHAPES:
+            raise AutolabelError(f"autolabel shape must be one of {', '.join(SHAPES)}, got {self.shape!r}")
+        for name in ("categories", "tags"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value)):
+                raise AutolabelError(f"autolabel {name} must be a list of names or null, got {value!r}")
         try:
             self.filter()
         except ValueError as exc:
@@ -109,11 +126,15 @@ class AutolabelResult:
 
 def proposal_specs(proposals: Sequence[Proposal], plan: Plan, options: AutolabelOptions,
                    prefix: str = "auto") -> list[RegionSpec]:
-    """Proposals as neutral regions: named categories and tags of the plan's mask target (else every
-    category of the plan), the proposal's score in `meta`."""
+    """Proposals as neutral regions: the options' categories and tags (else the plan's mask target's, else
+    every category of the plan), the proposal's score in `meta`, and its outline there for shape tools."""
     target = plan.mask_target
     categories = target.categories if target is not None else tuple(c.name for c in plan.categories)
     tags = target.tags if target is not None else ()
+    if options.categories is not None:
+        categories = tuple(options.categories)
+    if options.tags is not None:
+        tags = tuple(options.tags)
     specs = []
     for k, p in enumerate(proposals):
         region: Region = p.region
@@ -123,6 +144,8 @@ def proposal_specs(proposals: Sequence[Proposal], plan: Plan, options: Autolabel
             rle = region.to_coco_rle()
             geometry = {"kind": "rle", "size": list(rle["size"]), "counts": rle["counts"]}
         meta = {**options.meta, "proposal_score": float(p.score), "proposal_source": p.source}
+        if options.shape != "mask":
+            meta["shape"] = outline(region, options.shape)
         specs.append(RegionSpec(id=f"{prefix}-{k}", geometry=geometry, width=region.width, height=region.height,
                                 categories=categories, tags=tags, meta=meta))
     return specs
@@ -229,8 +252,6 @@ def predict_keep(engine: Any, image: Any, plan: Plan, specs: Sequence[RegionSpec
     by_spec = {s.id: s for s in specs}
     disagreements: list[Disagreement] = []
     # One classify per kept category over every region that kept a label in it.
-    from backend.service.geometry import rasterise
-
     size = image_size(image)
     jobs: dict[str, list[RegionAnswer]] = {}
     for a in answers:

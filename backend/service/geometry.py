@@ -14,6 +14,8 @@ Why two steps: a request of a few KB can claim a 16384x16384 image; rasterising 
 gigabytes. `check_geometry` validates structure in O(payload) without allocating a raster (the web process
 calls it while parsing); `rasterise` runs in the worker after `check_size` compared the claimed size with
 the real image, so masks never exceed the image that was actually fetched (and the media limits).
+`outline` goes the other way, mask -> polygon or box, for tools that cannot show a mask (auto-labeling
+proposals for a Polygon or Rectangle tool); it too runs only in the worker.
 Coordinates are snapped to 1e-9 px before filling, exactly as `osprey_core.regions` does for Label Studio
 shapes, so a shape converted to pixels gives the same mask as the core's percent constructors.
 """
@@ -32,6 +34,8 @@ from osprey_core.errors import RegionError
 from osprey_core.regions import MAX_PIXELS, Region
 
 KINDS = ("rle", "brush_rle", "polygon", "box", "ellipse", "points")
+OUTLINES = ("polygon", "box")  # what `outline` makes of a mask
+OUTLINE_TOLERANCE_PX = 1.0  # polygon simplification: no vertex moves the outline by more than this
 MAX_POINTS = 100_000  # vertices of one polygon / clicks of one prompt
 MAX_RLE_VALUES = 4_000_000  # values of one brush RLE or uncompressed COCO RLE (a request limit bounds it too)
 MAX_RLE_CHARS = 8_000_000  # length of a compressed COCO RLE string
@@ -211,3 +215,43 @@ def _check_coco(g: dict, width: int, height: int) -> None:
             raise RegionError(f"COCO RLE has {len(counts)} counts, above the limit of {MAX_RLE_VALUES}")
     else:
         raise RegionError(f"COCO RLE counts must be a string or a list of ints, got {type(counts).__name__}")
+
+
+# ---- mask -> shape (worker only) ----------------------------------------------------------------------
+
+
+def outline(region: Region, kind: str, tolerance: float = OUTLINE_TOLERANCE_PX) -> dict[str, Any]:
+    """A mask as a `polygon` (the outer contour of its largest part, simplified to `tolerance` px) or a
+    `box` (its bounding box), neutral geometry in pixels; for tools that draw shapes, not masks."""
+    if kind == "box":
+        x0, y0, x1, y1 = region.bbox
+        if x1 <= x0:
+            raise RegionError(f"region {region.id!r} is empty: it has no bounding box")
+        return {"kind": "box", "x": float(x0), "y": float(y0), "width": float(x1 - x0), "height": float(y1 - y0),
+                "rotation": 0.0}
+    if kind != "polygon":
+        raise RegionError(f"outline kind must be one of {', '.join(OUTLINES)}, got {kind!r}")
+    return {"kind": "polygon", "points": _outer_contour(region, tolerance)}
+
+
+def _outer_contour(region: Region, tolerance: float) -> list[list[float]]:
+    """Contour at level 0.5 between pixel centres (so a w-pixel run spans exactly w), the one enclosing
+    the most area (a hole's contour always encloses less than its part's), then Douglas-Peucker."""
+    from skimage.measure import approximate_polygon, find_contours
+
+    x0, y0, x1, y1 = region.bbox
+    if x1 <= x0:
+        raise RegionError(f"region {region.id!r} is empty: it has no outline")
+    # The bounding box only (a small object on a large image), padded so contours at its edge close.
+    padded = np.pad(region.mask[y0:y1, x0:x1], 1).astype(np.uint8)
+    best = max(find_contours(padded, 0.5), key=_enclosed_area)
+    simple = approximate_polygon(best, tolerance=tolerance)[:-1]  # closed contour: last point == first
+    if len(simple) < 3:  # a sliver thinner than the tolerance: its box corners
+        return [[float(x0), float(y0)], [float(x1), float(y0)], [float(x1), float(y1)], [float(x0), float(y1)]]
+    # (row, col) of the padded crop -> (x, y) with pixel (c, r) covering [c, c + 1) x [r, r + 1)
+    return [[x0 + float(c) - 0.5, y0 + float(r) - 0.5] for r, c in simple]
+
+
+def _enclosed_area(contour: np.ndarray) -> float:
+    y, x = contour[:, 0], contour[:, 1]
+    return abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))) / 2

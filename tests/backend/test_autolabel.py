@@ -1,5 +1,6 @@
 """Auto-labeling: proposals through the one neutral predict path with the real (tiny, random-weight) engine;
-the `osprey autolabel` COCO output loaded by pycocotools; a run killed with SIGKILL halfway resumes without
+Label Studio configs without a brush get the proposals as polygons or boxes with the same answers; the
+`osprey autolabel` COCO output loaded by pycocotools; a run killed with SIGKILL halfway resumes without
 redoing finished images; `keep` mode keeps the annotator's label and reports the model's view."""
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import pytest
 from PIL import Image
 
 from backend.cli_autolabel import build_plan, parse_attribute, parse_labels
-from backend.labelstudio.results import prediction_from_answers
+from backend.labelstudio.autolabel import autolabel_plan, found_nothing, region_tool, why_not
+from backend.labelstudio.config import parse_label_config
+from backend.labelstudio.results import add_disagreements, prediction_from_answers, prediction_from_output
 from backend.service.autolabel import (
     AutolabelError,
     AutolabelOptions,
@@ -26,6 +29,7 @@ from backend.service.autolabel import (
     predict_keep,
     worker_specs,
 )
+from backend.service.geometry import outline
 from backend.service.predict import predict_regions
 from backend.service.tasks import Category, MaskTarget, Plan, RegionSpec
 from osprey_core.proposals import ClassicalProposer, Proposal
@@ -94,6 +98,144 @@ def test_label_studio_brush_regions_with_scores(engine):
         assert 0 < r["score"] <= 1 and r["original_width"] == 96
         mask = Region.from_ls_brush(r["value"]["rle"], 96, 96)
         assert mask.area > 100
+
+
+# ---- Label Studio configs without a brush: polygons and boxes ------------------------------------------
+
+TOOLS = {
+    "brush": '<BrushLabels name="category" toName="image">{labels}</BrushLabels>',
+    "polygon": '<PolygonLabels name="category" toName="image">{labels}</PolygonLabels>',
+    "rectangle": '<RectangleLabels name="category" toName="image">{labels}</RectangleLabels>',
+    "split": '<Rectangle name="box" toName="image"/><Labels name="category" toName="image">{labels}</Labels>',
+    "keypoint": '<KeyPointLabels name="category" toName="image">{labels}</KeyPointLabels>',
+}
+
+
+def ls_config(*tools: str) -> str:
+    labels = "".join(f'<Label value="{v}"/>' for v in LABELS)
+    body = "".join(TOOLS[t].format(labels=labels) for t in tools)
+    return (f'<View><Image name="image" value="$image"/>{body}<Choices name="color" toName="image" perRegion="true">'
+            '<Choice value="red"/><Choice value="green"/><Choice value="blue"/></Choices></View>')
+
+
+class Autolabel:
+    """Settings with auto-labeling on (what the web process reads) and a worker runtime without SAM."""
+
+    osprey_autolabel = True
+    osprey_autolabel_max_regions = 32
+    refiner = None
+    settings = None
+
+
+def ls_prediction(engine, config: str, img: np.ndarray) -> tuple[dict, list[RegionSpec]]:
+    """A region-less Label Studio task end to end, as web process and worker run it (JSON in between)."""
+    ls_plan = parse_label_config(config)
+    job_plan = autolabel_plan(ls_plan, ls_plan.to_plan().to_dict(),
+                              Autolabel(), {"autolabel": {"min_area": 0.01}})
+    job_plan = json.loads(json.dumps(job_plan))
+    neutral = Plan.from_dict(job_plan)
+    specs = worker_specs(Autolabel(), img, neutral, job_plan["autolabel"])
+    answers = predict_regions(engine, img, neutral, specs)
+    output = json.loads(json.dumps({"ok": True, "answers": [a.to_dict() for a in answers],
+                                    "regions": [s.to_dict() for s in specs], "plan": job_plan,
+                                    "model_version": engine.model_version}))
+    return prediction_from_output(output), specs
+
+
+def answers_of(prediction: dict) -> list[tuple]:
+    """Per region: (label, score) of the category and (choice, score) of the attribute."""
+    by_id: dict[str, dict] = {}
+    for item in prediction["result"]:
+        by_id.setdefault(item["id"], {})[item["from_name"]] = item
+    out = []
+    for items in by_id.values():
+        cat, color = items["category"], items["color"]
+        label = next(v for k, v in cat["value"].items() if k.endswith("labels"))
+        out.append((label, round(cat["score"], 6), tuple(color["value"]["choices"]), round(color["score"], 6)))
+    return out
+
+
+def test_polygon_and_rectangle_configs_get_the_proposals_with_the_brush_answers(engine):
+    from label_studio_sdk.label_interface import LabelInterface
+
+    img = shapes_image(1)
+    brush, _ = ls_prediction(engine, ls_config("brush"), img)
+    assert len(answers_of(brush)) == 3
+    for tool, type_ in (("polygon", "polygonlabels"), ("rectangle", "rectanglelabels"), ("split", "rectangle")):
+        config = ls_config(tool)
+        pred, specs = ls_prediction(engine, config, img)
+        assert LabelInterface(config).validate_prediction(pred, return_errors=True) == []
+        assert answers_of(pred) == answers_of(brush)  # the model saw the same masks
+        assert pred["score"] == brush["score"] and pred["model_version"] == engine.model_version
+        shapes = [i for i in pred["result"] if i["type"] == type_]
+        assert len(shapes) == 3
+        for item, spec in zip(shapes, specs, strict=True):
+            mask = Region.from_coco_rle({k: spec.geometry[k] for k in ("size", "counts")})
+            value = item["value"]
+            if tool == "polygon":
+                assert value["closed"] is True and len(value["points"]) >= 3
+                drawn = Region.from_ls_polygon(value["points"], 96, 96)
+                assert (drawn.mask & mask.mask).sum() / (drawn.mask | mask.mask).sum() > 0.9
+            else:
+                x0, y0, x1, y1 = mask.bbox
+                assert (value["x"], value["y"], value["width"], value["height"], value["rotation"]) == pytest.approx(
+                    (x0 / 0.96, y0 / 0.96, (x1 - x0) / 0.96, (y1 - y0) / 0.96, 0), abs=1e-4)  # 4 decimals
+            # every item of the region carries the same geometry (Label Studio's per-region format)
+            assert all({k: i["value"][k] for k in ("points", "x") if k in value} ==
+                       {k: value[k] for k in ("points", "x") if k in value}
+                       for i in pred["result"] if i["id"] == item["id"])
+        if tool == "split":  # a plain Rectangle takes its category from <Labels>, as a `labels` item
+            assert {i["type"] for i in pred["result"]} == {"rectangle", "labels", "choices"}
+
+
+def test_region_tool_prefers_brush_then_polygon_then_rectangle():
+    def tool(*tools: str) -> str | None:
+        found = region_tool(parse_label_config(ls_config(*tools)))
+        return None if found is None else found.type
+
+    assert tool("rectangle", "polygon", "brush") == "brushlabels"
+    assert tool("rectangle", "polygon") == "polygonlabels"
+    assert tool("keypoint", "split") == "rectangle"
+    plan_ = parse_label_config(ls_config("keypoint"))
+    assert tool("keypoint") is None
+    assert autolabel_plan(plan_, plan_.to_plan().to_dict(), Autolabel()) is None
+    assert "no Brush, Polygon or Rectangle tool" in why_not(plan_, Autolabel())
+
+
+def test_outline_of_a_mask_with_a_hole_and_two_parts():
+    m = np.zeros((60, 80), bool)
+    m[0:30, 0:30] = True  # touches the image border
+    m[10:20, 10:20] = False  # a hole: not the outer contour
+    m[40:45, 50:55] = True  # a smaller second part: dropped
+    poly = outline(Region(m), "polygon")
+    filled = Region.from_polygon(poly["points"], 80, 60)
+    assert filled.bbox == (0, 0, 30, 30) and filled.area == 900
+    assert outline(Region(m), "box") == {"kind": "box", "x": 0.0, "y": 0.0, "width": 55.0, "height": 45.0,
+                                         "rotation": 0.0}
+    line = np.zeros((10, 10), bool)
+    line[3, 2:9] = True  # one pixel high
+    assert Region.from_polygon(outline(Region(line), "polygon")["points"], 10, 10) == Region(line)
+
+
+def test_an_image_without_objects_is_a_real_empty_answer(engine):
+    flat = np.full((64, 64, 3), 128, np.uint8)  # one segment, the whole image: above max_area
+    pred, specs = ls_prediction(engine, ls_config("polygon"), flat)
+    assert specs == [] and pred == {"result": [], "score": None, "model_version": engine.model_version}
+    plan_ = parse_label_config(ls_config("polygon"))
+    job_plan = autolabel_plan(plan_, plan_.to_plan().to_dict(), Autolabel())
+    assert found_nothing({"ok": True, "answers": [], "regions": [], "plan": job_plan})
+    assert not found_nothing({"ok": True, "answers": [], "regions": [{"id": "r1"}], "plan": job_plan})  # drawn
+    assert not found_nothing({"ok": True, "answers": [], "regions": [], "plan": plan_.to_plan().to_dict()})
+
+
+def test_keep_mode_disagreement_goes_into_the_items_meta():
+    result = [{"id": "r1", "from_name": "category", "value": {"brushlabels": ["cat"]}, "score": 0.2},
+              {"id": "r1", "from_name": "color", "value": {"choices": ["red"]}}]
+    add_disagreements(result, [{"region": "r1", "category": "category", "kept": "cat", "kept_score": 0.2,
+                                "model_label": "dog", "model_score": 0.7}])
+    assert result[0]["meta"] == {"text": ["model: dog (0.70)"], "model_label": "dog", "model_score": 0.7,
+                                 "agrees": False}
+    assert "meta" not in result[1]
 
 
 def test_worker_specs_build_the_proposer_once():

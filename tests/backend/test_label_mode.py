@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.backend.conftest import IMAGE_H, IMAGE_W
 
 PROJECT = "77.1795681025"
@@ -48,11 +50,18 @@ def test_keep_keeps_the_annotators_label_and_suggest_replaces_it(stack, payloads
     assert items["category"]["value"]["brushlabels"] == [given]
     assert 0.0 < items["category"]["score"] < model_score  # the model prefers another label
     assert set(items) == {"category", "color", "size", "caption", "detailed_description"}
+    # What the model would have picked, in the region's meta (shown in the region's details in Label Studio).
+    meta = items["category"]["meta"]
+    assert (meta["model_label"], meta["agrees"]) == (model_label, False)
+    assert meta["model_score"] == pytest.approx(model_score)
+    assert meta["text"] == [f"model: {model_label} ({model_score:.2f})"]
+    assert all("meta" not in i for i in kept["result"] if i["from_name"] != "category")
     assert (items["category"]["original_width"], items["category"]["original_height"]) == (IMAGE_W, IMAGE_H)
 
     setup(stack, payloads, config, {})  # back to the default
     again = ask(stack, payloads, config, given)
     assert next(i for i in again["result"] if i["from_name"] == "category")["value"]["brushlabels"] == [model_label]
+    assert all("meta" not in i for i in again["result"])  # suggest mode: nothing to report
 
 
 def test_bad_label_mode_is_refused_at_setup(stack, payloads, configs):

@@ -105,7 +105,7 @@ def test_batch_returns_one_entry_per_task_in_order(stack, payloads, configs):
     tasks = [
         payloads.task(101, annotations=[payloads.annotation(payloads.split_rectangle("r1"))]),
         payloads.task(102, annotations=[payloads.annotation([payloads.polygon("p1")])]),
-        payloads.task(103),  # no annotation: nothing to label
+        payloads.task(103),  # no annotation: auto-labeled with the config's polygon tool
     ]
     response = stack.post("/predict", payloads.predict(tasks, config))
     assert response.status_code == 200, response.text
@@ -118,9 +118,36 @@ def test_batch_returns_one_entry_per_task_in_order(stack, payloads, configs):
     assert object_label in labels_of(config, "object")
     assert {i["id"] for i in second["result"]} == {"p1"}
     assert first["model_version"] == second["model_version"] == version
-    # Label Studio skips an entry without "result": no empty prediction is stored for task 103.
-    assert "result" not in third
-    assert third["osprey_status"] == "no_regions"
+    # Task 103 nobody drew on: the proposals as PolygonLabels polygons (no brush in this config).
+    assert "osprey_status" not in third and third["model_version"] == version
+    polygons = [i for i in third["result"] if i["type"] == "polygonlabels"]
+    assert polygons and all(i["from_name"] == "part" and len(i["value"]["points"]) >= 3 and 0 < i["score"] <= 1
+                            for i in polygons)
+    assert {i["from_name"] for i in third["result"]} == {"part", "occluded", "description"}
+
+
+KEYPOINTS_ONLY = """<View>
+  <Image name="image" value="$image"/>
+  <KeyPointLabels name="point" toName="image"><Label value="cat"/><Label value="dog"/></KeyPointLabels>
+</View>"""
+
+
+def test_batch_region_less_tasks_empty_image_and_no_region_tool(stack, payloads, configs):
+    """An image without objects: a real empty prediction (Label Studio stores it without an error), not a
+    placeholder; a config without a brush, polygon or rectangle tool: a placeholder that says why."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (128, 128, 128)).save(stack.workdir / "files" / "imgs" / "blank.png")
+    version = stack.post("/setup", payloads.setup(configs["polygon_rectangle"])).json()["model_version"]
+    blank = payloads.task(111, image="/data/local-files/?d=imgs/blank.png")
+    response = stack.post("/predict", payloads.predict([blank], configs["polygon_rectangle"]))
+    assert response.status_code == 200, response.text
+    assert response.json()["results"] == [{"result": [], "score": None, "model_version": version}]
+
+    response = stack.post("/predict", payloads.predict([payloads.task(112)], KEYPOINTS_ONLY))
+    [entry] = response.json()["results"]
+    assert "result" not in entry and entry["osprey_status"] == "no_regions"
+    assert "no Brush, Polygon or Rectangle tool" in entry["message"]
 
 
 def test_same_predict_twice_does_the_work_once(stack, payloads, configs):

@@ -198,6 +198,22 @@ def test_write_back_never_posts_an_empty_prediction(writeback, fake_ls, queue):
     assert b"9003" in queue.connection.hkeys(queue.keys.writeback_failed)
 
 
+def test_write_back_posts_the_empty_answer_of_an_image_without_objects(writeback, fake_ls, queue):
+    """An auto-labeling job whose proposer found nothing: its empty prediction is the answer (written,
+    so Label Studio marks the task predicted); drawn regions answered with nothing stay undeliverable."""
+    plan = {"categories": [], "autolabel": {"enabled": True, "shape": "polygon"}}
+    found_nothing = {"ok": True, "answers": [], "regions": [], "plan": plan, "model_version": "tiny-abc"}
+    assert writeback.deliver_output("job-e", 9006, found_nothing) == "created"
+    [stored] = fake_ls.for_task(9006)
+    assert (stored["result"], stored.get("score"), stored["model_version"]) == ([], None, "tiny-abc")
+    from backend.service.tasks import RegionSpec
+
+    box = RegionSpec("r1", {"kind": "box", "x": 1, "y": 1, "width": 4, "height": 4}, 10, 10).to_dict()
+    drawn = {**found_nothing, "regions": [box], "plan": {"categories": []}}
+    assert writeback.deliver_output("job-f", 9007, drawn) == "undeliverable"
+    assert fake_ls.for_task(9007) == []
+
+
 def test_the_hand_off_outlives_the_output_ttl(queue):
     """Defect 1: the hand-off key expired with OSPREY_RESULT_TTL_S while the job still waited in the queue,
     so a job that started later published to nothing and no write-back was queued."""

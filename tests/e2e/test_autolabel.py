@@ -6,6 +6,10 @@ them "retrieved". Now every region-less task must end with exactly one stored, v
 brush regions with scores, and Label Studio's log must show no prediction error for them. Per project,
 `extra_params: {"autolabel": false}` at /setup turns it off again (the task then gets a placeholder that
 says why; posted to our backend directly, as Label Studio posts /setup).
+
+A config without a brush (polygon_rectangle.xml: PolygonLabels, Rectangle + Labels) gets the proposals as
+polygons; an image without objects gets a real empty prediction, which Label Studio stores without an
+error; a `keep`-mode region item with the model's view in `meta` passes Label Studio's validation.
 """
 
 from __future__ import annotations
@@ -20,10 +24,13 @@ from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
+from osprey_core.regions import Region
 from tests.backend.conftest import Stack
 from tests.e2e.conftest import LabelStudio, start_stack
 
-CONFIG = (Path(__file__).resolve().parents[2] / "deploy" / "labelstudio" / "brush_attributes.xml").read_text()
+CONFIGS = Path(__file__).resolve().parents[2] / "deploy" / "labelstudio"
+CONFIG = (CONFIGS / "brush_attributes.xml").read_text()
+POLYGON_CONFIG = (CONFIGS / "polygon_rectangle.xml").read_text()
 SIZES = [(96, 72), (80, 64), (64, 64)]
 
 
@@ -54,14 +61,21 @@ def backend(label_studio: LabelStudio, tmp_path_factory: pytest.TempPathFactory)
     stack.close()
 
 
-def project_with_images(ls: LabelStudio, stack: Stack, workdir: Path, slug: str) -> tuple[int, dict[int, int]]:
-    pid = ls.create_project(f"osprey autolabel {slug}", CONFIG)
+def project_with_images(ls: LabelStudio, stack: Stack, workdir: Path, slug: str, config: str = CONFIG,
+                        blank: bool = False) -> tuple[int, dict[int, int]]:
+    """A project of shape images (and, with `blank`, one flat grey image: no objects); task id -> objects."""
+    pid = ls.create_project(f"osprey autolabel {slug}", config)
     objects = {}
     for seed, size in enumerate(SIZES):
         path = workdir / f"{slug}-{seed}.png"
         n = shapes_png(path, size, seed)
         ls.upload_image(pid, path)
         objects[path.name] = n
+    if blank:
+        path = workdir / f"{slug}-blank.png"
+        Image.new("RGB", (72, 56), (190, 190, 190)).save(path)
+        ls.upload_image(pid, path)
+        objects[path.name] = 0
     ls.connect_backend(pid, stack.base_url)
     counts = {}
     for task in ls.tasks(pid):
@@ -99,6 +113,61 @@ def test_region_less_tasks_get_one_validated_prediction_each(label_studio: Label
             assert per_region == {"category", "color", "size", "caption", "detailed_description"}
         assert prediction["score"] is not None
     assert log_errors(ls, start) == []
+
+
+def test_polygon_config_gets_polygons_and_an_empty_image_an_empty_prediction(label_studio: LabelStudio,
+                                                                             backend: Stack, tmp_path: Path) -> None:
+    ls = label_studio
+    pid, objects = project_with_images(ls, backend, tmp_path, "poly", POLYGON_CONFIG, blank=True)
+    assert sorted(objects.values()) == [0, 2, 2, 3]
+    start = len(ls.log.read_text(errors="replace"))
+    answer = ls.retrieve_predictions(pid)
+    assert answer["processed_items"] == 4, answer
+    interface = LabelInterface(POLYGON_CONFIG)
+    version = backend.model_version()
+    for task_id, n in objects.items():
+        [prediction] = ls.predictions(task_id)
+        assert prediction["model_version"] == version
+        assert not interface.validate_prediction(prediction, return_errors=True)
+        if n == 0:  # stored as a real, empty prediction: the task counts as predicted
+            assert prediction["result"] == [] and not prediction["score"]
+            continue
+        polygons = [r for r in prediction["result"] if r["type"] == "polygonlabels"]
+        assert len(polygons) == n  # one polygon per object on the image
+        for r in polygons:
+            w, h = r["original_width"], r["original_height"]
+            points = r["value"]["points"]
+            assert r["from_name"] == "part" and r["value"]["closed"] is True and len(points) >= 3
+            drawn = Region.from_ls_polygon(points, w, h)
+            assert 100 <= drawn.area <= 14 * 14 + 30  # the drawn 14x14 block, not the background
+            assert r["value"]["polygonlabels"][0] in {"wheel", "window", "door"} and 0.0 < r["score"] <= 1.0
+            per_region = {i["from_name"] for i in prediction["result"] if i["id"] == r["id"]}
+            assert per_region == {"part", "occluded", "description"}
+        assert prediction["score"] is not None
+    assert log_errors(ls, start) == []
+
+
+def test_keep_mode_meta_passes_label_studio_validation(label_studio: LabelStudio, backend: Stack,
+                                                       tmp_path: Path) -> None:
+    """The `meta` our keep mode puts on the kept label's item: Label Studio (validation on) stores it."""
+    ls = label_studio
+    pid, objects = project_with_images(ls, backend, tmp_path, "keep", POLYGON_CONFIG)
+    task = next(t for t in ls.tasks(pid) if objects[t["id"]])
+    w, h = next(s for s in SIZES if task["data"]["image"].endswith(f"keep-{SIZES.index(s)}.png"))
+    backend.post("/setup", {"project": f"{pid}.0", "schema": POLYGON_CONFIG,
+                            "extra_params": json.dumps({"label_mode": "keep"})})
+    drawn = {"id": "kept1", "from_name": "part", "to_name": "image", "type": "polygonlabels",
+             "original_width": w, "original_height": h, "image_rotation": 0, "origin": "manual",
+             "value": {"points": [[5, 5], [60, 8], [30, 60]], "closed": True, "polygonlabels": ["door"]}}
+    body = {"tasks": [task], "project": f"{pid}.0", "label_config": POLYGON_CONFIG,
+            "params": {"context": {"result": [drawn]}}}
+    [answer] = backend.post("/predict", body).json()["results"]
+    kept = next(i for i in answer["result"] if i["from_name"] == "part")
+    assert kept["value"]["polygonlabels"] == ["door"] and kept["meta"]["model_label"] in {"wheel", "window", "door"}
+    ls.call("POST", "/api/predictions", json={"task": task["id"], "result": answer["result"],
+                                              "score": answer["score"], "model_version": "keep-meta"})
+    [stored] = [p for p in ls.predictions(task["id"]) if p["model_version"] == "keep-meta"]
+    assert next(i for i in stored["result"] if i["from_name"] == "part")["meta"] == kept["meta"]
 
 
 def test_autolabel_off_per_project(label_studio: LabelStudio, backend: Stack, tmp_path: Path) -> None:

@@ -48,14 +48,17 @@ class RedisServer:
     """A real `redis-server` on a free port, production-like: AOF (everysec), noeviction, a password.
 
     `restart()` stops it (SIGTERM: Redis fsyncs its AOF on a clean shutdown; `kill=True` is a SIGKILL)
-    and starts it again on the same port and data dir, as a restarted container would."""
+    and starts it again on the same port and data dir, as a restarted container would. `fsync="always"`
+    fsyncs the AOF on every write, so even a SIGKILL loses no acknowledged write."""
 
-    def __init__(self, workdir: Path, password: str = "r3dis-pass-xyz", appendonly: bool = True):
+    def __init__(self, workdir: Path, password: str = "r3dis-pass-xyz", appendonly: bool = True,
+                 fsync: str = "everysec"):
         self.dir = workdir / "redis"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.password = password
         self.appendonly = appendonly
+        self.fsync = fsync
         self.proc: subprocess.Popen | None = None
         self.start()
 
@@ -70,7 +73,7 @@ class RedisServer:
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
                 "--requirepass", self.password, "--maxmemory", "256mb", "--maxmemory-policy", "noeviction",
                 "--save", ""]
-        args += ["--appendonly", "yes", "--appendfsync", "everysec"] if self.appendonly else ["--appendonly", "no"]
+        args += ["--appendonly", "yes", "--appendfsync", self.fsync] if self.appendonly else ["--appendonly", "no"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: self.client().ping(), 15, "redis-server")
 
