@@ -117,8 +117,10 @@ def run_batch(url: str, fake: FakeLabelStudio, first_task: int, n: int, out: dic
 
 
 def measure(dep: Deployment, fake: FakeLabelStudio, annotators: int, seconds: float, tasks: int,
-            first_task: int) -> dict:
+            first_task: int, warmup_s: float = 0.0) -> dict:
     counter = itertools.count(first_task * 10)
+    if warmup_s > 0:  # first clicks (connections, caches, allocator) are not part of the idle baseline
+        Annotators(dep.url, annotators, warmup_s, counter).run()
     idle = Annotators(dep.url, annotators, seconds, counter).run()
     batch: dict = {}
     runner = threading.Thread(target=run_batch, args=(dep.url, fake, first_task, tasks, batch))
@@ -136,6 +138,7 @@ def main() -> None:
     parser.add_argument("--annotators", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of each annotator phase")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of clicks before each idle phase, not counted")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--json", action="store_true")
@@ -157,12 +160,13 @@ def main() -> None:
             dep.start_worker(threads=1)
         dep.start_server()
         for k, n in enumerate(args.annotators):
-            rows.append(measure(dep, fake, n, args.seconds, args.tasks, first_task=100_000 * (k + 1)))
+            rows.append(measure(dep, fake, n, args.seconds, args.tasks, first_task=100_000 * (k + 1),
+                                warmup_s=args.warmup))
     finally:
         dep.stop()
         fake.close()
     report = {"machine": platform.platform(), "workers": args.workers, "tasks": args.tasks, "seconds": args.seconds,
-              "rows": rows}
+              "warmup_s": args.warmup, "rows": rows}
     if args.json:
         print(json.dumps(report, indent=2))
         return

@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -287,6 +288,22 @@ def purge_prefix(r: redis.Redis, prefix: str) -> None:
         r.delete(*keys)
 
 
+@contextmanager
+def running(s: Stack, *worker_delays: float) -> Iterator[Stack]:
+    """`s` with one worker per entry of `worker_delays` (its OSPREY_TEST_JOB_DELAY_S; none: no worker) and
+    the server started; the logs are printed when starting fails, and everything is stopped at the end."""
+    try:
+        for delay in worker_delays:
+            s.start_worker(delay_s=delay)
+        s.start_server()
+        yield s
+    except BaseException:
+        print(s.tail())
+        raise
+    finally:
+        s.close()
+
+
 def make_stack(workdir: Path, redis_url: str = LOCAL_REDIS, ls_url: str | None = None, **env: str) -> Stack:
     prefix = f"t{uuid.uuid4().hex[:10]}"
     files = workdir / "files"
@@ -322,16 +339,9 @@ def fake_ls() -> Iterator[FakeLabelStudio]:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory, fake_ls: FakeLabelStudio) -> Iterator[Stack]:
     """Server + one worker on the Redis at 127.0.0.1:6379 (shared by test_server_api and test_malformed)."""
-    s = make_stack(tmp_path_factory.mktemp("stack"), ls_url=fake_ls.url, OSPREY_MAX_REQUEST_BYTES=str(2 * 1024 * 1024))
-    try:
-        s.start_worker()
-        s.start_server()
+    with running(make_stack(tmp_path_factory.mktemp("stack"), ls_url=fake_ls.url,
+                            OSPREY_MAX_REQUEST_BYTES=str(2 * 1024 * 1024)), 0.0) as s:
         yield s
-    except BaseException:
-        print(s.tail())
-        raise
-    finally:
-        s.close()
 
 
 @pytest.fixture(scope="session")
@@ -416,5 +426,5 @@ def helpers() -> Any:
     """The helpers above, for test modules (importing from a conftest is fragile)."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(free_port=free_port, make_stack=make_stack, wait_for=wait_for, synthetic_png=synthetic_png,
-                           purge_prefix=purge_prefix)
+    return SimpleNamespace(free_port=free_port, make_stack=make_stack, running=running, wait_for=wait_for,
+                           synthetic_png=synthetic_png, purge_prefix=purge_prefix)

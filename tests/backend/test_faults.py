@@ -20,16 +20,9 @@ import redis
 @pytest.fixture(scope="module")
 def fault_stack(tmp_path_factory, fake_ls, helpers):
     """A server with a short batch budget and no worker yet; each test starts the workers it needs."""
-    s = helpers.make_stack(tmp_path_factory.mktemp("faults"), ls_url=fake_ls.url, OSPREY_BATCH_BUDGET_S="3",
-                   OSPREY_INTERACTIVE_TIMEOUT_S="90")
-    try:
-        s.start_server()
+    with helpers.running(helpers.make_stack(tmp_path_factory.mktemp("faults"), ls_url=fake_ls.url,
+                                            OSPREY_BATCH_BUDGET_S="3", OSPREY_INTERACTIVE_TIMEOUT_S="90")) as s:
         yield s
-    except BaseException:
-        print(s.tail())
-        raise
-    finally:
-        s.close()
 
 
 def _kill(proc: subprocess.Popen) -> None:

@@ -110,17 +110,9 @@ def test_a_batch_job_waiting_longer_than_the_result_ttl_is_still_written_back(tm
 @pytest.fixture()
 def slow_stack(tmp_path, scripted_ls, helpers):
     """A worker that needs 3 s per job and a 1 s batch budget: every batch task is handed off."""
-    s = helpers.make_stack(tmp_path, ls_url=scripted_ls.url, OSPREY_BATCH_BUDGET_S="1",
-                           OSPREY_WRITEBACK_BACKOFF_S="1", OSPREY_WRITEBACK_RETRIES="3")
-    try:
-        s.start_worker(delay_s=3)
-        s.start_server()
+    with helpers.running(helpers.make_stack(tmp_path, ls_url=scripted_ls.url, OSPREY_BATCH_BUDGET_S="1",
+                                            OSPREY_WRITEBACK_BACKOFF_S="1", OSPREY_WRITEBACK_RETRIES="3"), 3) as s:
         yield s
-    except BaseException:
-        print(s.tail())
-        raise
-    finally:
-        s.close()
 
 
 def test_a_write_back_refused_with_4xx_is_recorded_after_one_attempt(slow_stack, scripted_ls, payloads, configs,

@@ -22,7 +22,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.backend.conftest import PASSWORD, USER, FakeLabelStudio, make_stack
+from tests.backend.conftest import PASSWORD, USER, FakeLabelStudio, make_stack, running
 
 AUTH = {"Authorization": "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()}
 
@@ -30,17 +30,11 @@ AUTH = {"Authorization": "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode
 @pytest.fixture(scope="module")
 def live_stack(tmp_path_factory):
     fake_ls = FakeLabelStudio()
-    s = make_stack(tmp_path_factory.mktemp("schemathesis"), ls_url=fake_ls.url, OSPREY_BATCH_BUDGET_S="2",
-                   OSPREY_INTERACTIVE_TIMEOUT_S="10", OSPREY_MAX_REQUEST_BYTES=str(1024 * 1024))
     try:
-        s.start_worker()
-        s.start_server()
-        yield s
-    except BaseException:
-        print(s.tail())
-        raise
+        with running(make_stack(tmp_path_factory.mktemp("schemathesis"), ls_url=fake_ls.url, OSPREY_BATCH_BUDGET_S="2",
+                                OSPREY_INTERACTIVE_TIMEOUT_S="10", OSPREY_MAX_REQUEST_BYTES=str(1024 * 1024)), 0.0) as s:
+            yield s
     finally:
-        s.close()
         fake_ls.close()
 
 

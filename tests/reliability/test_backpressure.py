@@ -13,24 +13,15 @@ import threading
 import httpx
 import pytest
 
-from tests.backend.conftest import make_stack, wait_for
+from tests.backend.conftest import make_stack, running, wait_for
 from tests.reliability.conftest import batch_body
 
 
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory, fake_ls):
-    s = make_stack(tmp_path_factory.mktemp("lanes"), ls_url=fake_ls.url, OSPREY_MAX_QUEUED_BATCH="6",
-                   OSPREY_BATCH_BUDGET_S="1", OSPREY_INTERACTIVE_TIMEOUT_S="60")
-    try:
-        s.start_worker(delay_s=0.5)
-        s.start_worker(delay_s=0.5)
-        s.start_server()
+    with running(make_stack(tmp_path_factory.mktemp("lanes"), ls_url=fake_ls.url, OSPREY_MAX_QUEUED_BATCH="6",
+                            OSPREY_BATCH_BUDGET_S="1", OSPREY_INTERACTIVE_TIMEOUT_S="60"), 0.5, 0.5) as s:
         yield s
-    except BaseException:
-        print(s.tail())
-        raise
-    finally:
-        s.close()
 
 
 def test_a_batch_past_the_bound_gets_429_and_interactive_work_still_flows(two_workers, payloads, configs, fake_ls):

@@ -18,7 +18,7 @@ import pytest
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from tests.backend.conftest import FakeLabelStudio, Stack, make_stack, wait_for
+from tests.backend.conftest import FakeLabelStudio, Stack, make_stack, running, wait_for
 from tests.reliability.conftest import batch_body
 
 DELAY_S = 1.0  # every job sleeps this long first (OSPREY_TEST_JOB_DELAY_S): a batch job is still running when we click
@@ -26,17 +26,9 @@ DELAY_S = 1.0  # every job sleeps this long first (OSPREY_TEST_JOB_DELAY_S): a b
 
 @pytest.fixture(scope="module")
 def one_worker(tmp_path_factory: pytest.TempPathFactory, fake_ls: FakeLabelStudio) -> Iterator[Stack]:
-    s = make_stack(tmp_path_factory.mktemp("fair"), ls_url=fake_ls.url, OSPREY_INTERACTIVE_RESERVED_WORKERS="0",
-                   OSPREY_BATCH_BUDGET_S="1", OSPREY_INTERACTIVE_TIMEOUT_S="60")
-    try:
-        s.start_worker(delay_s=DELAY_S)
-        s.start_server()
+    with running(make_stack(tmp_path_factory.mktemp("fair"), ls_url=fake_ls.url, OSPREY_INTERACTIVE_RESERVED_WORKERS="0",
+                            OSPREY_BATCH_BUDGET_S="1", OSPREY_INTERACTIVE_TIMEOUT_S="60"), DELAY_S) as s:
         yield s
-    except BaseException:
-        print(s.tail())
-        raise
-    finally:
-        s.close()
 
 
 def jobs_of(s: Stack, kind: str) -> list[Job]:

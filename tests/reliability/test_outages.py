@@ -25,7 +25,7 @@ import redis
 
 from backend.queue.retry import RetryPolicy
 from backend.settings import Settings
-from tests.backend.conftest import LS_TOKEN, PASSWORD, USER, Stack, free_port, make_stack, wait_for
+from tests.backend.conftest import LS_TOKEN, PASSWORD, USER, Stack, free_port, make_stack, running, wait_for
 from tests.reliability.conftest import RedisServer, batch_body, written_once
 
 SLOW = "1"  # seconds every job sleeps first (OSPREY_TEST_JOB_DELAY_S): the batch is still running when we strike
@@ -132,17 +132,9 @@ def prod_redis(tmp_path_factory):
 @pytest.fixture(scope="module")
 def prod_stack(tmp_path_factory, prod_redis, fake_ls):
     """Server + one slow worker on the password-protected AOF Redis."""
-    s = make_stack(tmp_path_factory.mktemp("prod"), redis_url=prod_redis.url, ls_url=fake_ls.url,
-                   OSPREY_BATCH_BUDGET_S="1")
-    try:
-        s.start_worker(delay_s=float(SLOW))
-        s.start_server()
+    with running(make_stack(tmp_path_factory.mktemp("prod"), redis_url=prod_redis.url, ls_url=fake_ls.url,
+                            OSPREY_BATCH_BUDGET_S="1"), float(SLOW)) as s:
         yield s
-    except BaseException:
-        print(s.tail())
-        raise
-    finally:
-        s.close()
 
 
 def test_production_redis_is_what_the_deploy_config_says(prod_redis):
