@@ -19,20 +19,16 @@ malformed input -> 400/413/422 (bad media: 403/404/413/415 from the worker), Red
 from __future__ import annotations
 
 import logging
-import threading
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-import redis
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from backend.auth import auth_dependency, install_log_redaction
 from backend.auth import require_auth as require_auth_for
@@ -40,7 +36,7 @@ from backend.errors import INPUT_ERRORS, input_status
 from backend.guard import RequestGuard
 from backend.health import health_detail
 from backend.labelstudio.routes import create_router
-from backend.queue.jobs import JobQueue, QueueBusy
+from backend.queue.jobs import QueueBusy
 from backend.queue.redis import QueueUnavailable
 from backend.settings import Settings, get_settings
 from backend.state import AppState
@@ -48,30 +44,6 @@ from backend.state import AppState
 logger = logging.getLogger(__name__)
 
 MODEL_CLASS = "OspreyRegionModel"
-HEALTH_REDIS_TIMEOUT_S = 0.4  # each connect or command of the plain /health: inside Label Studio's 1 s check
-
-
-class HealthQueue:
-    """The plain /health's own Redis client, whose connects and commands give up after HEALTH_REDIS_TIMEOUT_S.
-
-    The shared pool waits up to 10 s per command (right for jobs); a Redis that stops answering (stalled,
-    partitioned, SIGSTOPped) would then hold /health past Label Studio's 1 s timeout, and Label Studio would
-    report the backend unreachable instead of DOWN with the reason."""
-
-    def __init__(self, url: str, settings: Settings) -> None:
-        self._url, self._settings = url, settings
-        self._queue: JobQueue | None = None
-        self._lock = threading.Lock()
-
-    def get(self) -> JobQueue:
-        if self._queue is None:
-            with self._lock:
-                if self._queue is None:
-                    connection = redis.Redis.from_url(
-                        self._url, socket_timeout=HEALTH_REDIS_TIMEOUT_S, socket_connect_timeout=HEALTH_REDIS_TIMEOUT_S,
-                        retry=Retry(NoBackoff(), 0), max_connections=8)  # /health runs on 4 threads of its own
-                    self._queue = JobQueue(connection, self._settings)
-        return self._queue
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
@@ -166,14 +138,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
 
     health_threads: list[anyio.CapacityLimiter | None] = [None]
-    health_queue = HealthQueue(state.url, settings)
 
     @app.get("/health", response_model=None)
     async def health(request: Request, detail: bool = False) -> dict[str, Any] | JSONResponse:
         # UP only while a prediction worker has a live heartbeat (backend/queue/jobs.py live_workers);
         # one Redis read, cached for 0.5 s (Label Studio polls with a 1 s timeout), on /health's own
         # threads (the Redis read may block; the default threads may all be waiting on jobs) and its own
-        # client, which gives up after HEALTH_REDIS_TIMEOUT_S (a stalled Redis: DOWN in time, not a hang).
+        # client, which gives up after HEALTH_REDIS_TIMEOUT_S (state.py; a stalled Redis: DOWN in time).
         # `?detail=1` (authenticated): Redis, workers, model versions, lanes, oldest job, last training run.
         if detail:
             require_auth_for(request, settings)
@@ -187,7 +158,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version = state.last_model["version"] if state.last_model else None
         body: dict[str, Any] = {"status": "UP", "model_class": MODEL_CLASS, "model_version": version}
         try:
-            queue = health_queue.get()
+            queue = state.health_queue()
             workers = queue.live_worker_count(cached=True)
             reason = None if workers else queue.no_worker_reason()
         except (QueueUnavailable, RedisError) as exc:

@@ -16,8 +16,10 @@ from fastapi.responses import JSONResponse
 from backend.auth import redact
 from backend.metrics import Metrics
 from backend.queue.jobs import JobQueue
-from backend.queue.redis import QueueUnavailable, connect_for, redis_url
+from backend.queue.redis import QueueUnavailable, connect, connect_for, redis_url
 from backend.settings import Settings
+
+HEALTH_REDIS_TIMEOUT_S = 0.4  # each connect or command of the plain /health: inside Label Studio's 1 s check
 
 
 class AppState:
@@ -29,6 +31,7 @@ class AppState:
         self.metrics = Metrics()
         self.metrics.watch_queue(self._snapshot)
         self._queue: JobQueue | None = None
+        self._health_queue: JobQueue | None = None
         self._lock = threading.Lock()
         self.last_model: dict | None = None
         self._model_read_at = 0.0
@@ -39,6 +42,20 @@ class AppState:
                 if self._queue is None:
                     self._queue = JobQueue(connect_for(self.settings), self.settings)
         return self._queue
+
+    def health_queue(self) -> JobQueue:
+        """The plain /health's own client: connects and commands give up after HEALTH_REDIS_TIMEOUT_S, no
+        retries. The shared pool waits up to 10 s per command (right for jobs); a Redis that stops answering
+        (stalled, partitioned, SIGSTOPped) would then hold /health past Label Studio's 1 s timeout, and
+        Label Studio would report the backend unreachable instead of DOWN with the reason."""
+        if self._health_queue is None:
+            with self._lock:
+                if self._health_queue is None:
+                    t = HEALTH_REDIS_TIMEOUT_S
+                    connection = connect(self.url, socket_timeout=t, connect_timeout=t, pool_timeout_s=t,
+                                         max_connections=8, retries=0)  # /health runs on 4 threads of its own
+                    self._health_queue = JobQueue(connection, self.settings)
+        return self._health_queue
 
     def _snapshot(self) -> dict[str, Any] | None:
         return self.queue().snapshot()

@@ -90,17 +90,20 @@ class _BoundedPool(redis.BlockingConnectionPool):
 
 
 def connect(url: str, *, socket_timeout: float | None = 10.0, connect_timeout: float = 2.0,
-            max_connections: int = 64, pool_timeout_s: float = 10.0) -> redis.Redis:
+            max_connections: int = 64, pool_timeout_s: float = 10.0, retries: int | None = None) -> redis.Redis:
     """A client for `url`, checked with a ping; raises QueueUnavailable when Redis does not answer.
 
     `socket_timeout` bounds every command; pass a larger one (or None) for clients that block on
     the server for longer (RQ workers raise it for their own blocking pops). The pool is bounded
     (`max_connections`) and *blocking*: under a burst, a caller waits up to `pool_timeout_s` for a
     free connection instead of failing at once (redis-py's default pool raises "Too many connections").
+    `retries`: redis-py's retries of a failed command, immediately (None: its default backoff), e.g. 0 for
+    a caller with a deadline of its own.
     """
+    extra = {} if retries is None else {"retry": Retry(NoBackoff(), retries)}
     pool = _BoundedPool.from_url(
         url, max_connections=max_connections, timeout=pool_timeout_s, socket_timeout=socket_timeout,
-        socket_connect_timeout=connect_timeout)
+        socket_connect_timeout=connect_timeout, **extra)
     client = redis.Redis(connection_pool=pool)
     try:
         client.ping()
