@@ -35,7 +35,8 @@ def _corpus() -> list[str]:
     words = (
         "cat dog person car bus tree sky road building grass water bird horse boat chair table bottle cup "
         "red green blue yellow black white orange purple gray brown pink small large medium big tiny "
-        "circle square triangle rectangle ellipse star shape object region left right top bottom center "
+        "circle square triangle rectangle ellipse star hexagon heart cross shape object region left right top "
+        "bottom center "
         "the a an of in on at is are with and this that there it its color size position category "
         # COCO's category names: label sets are mostly such words, and a real LLaMA vocabulary holds them
         # as one or two tokens each.

@@ -158,10 +158,14 @@ def scoring_summary(gold: Sequence[str], logits: np.ndarray, labels: Sequence[st
 
 
 def better_scoring(scoring: Mapping[str, Mapping[str, Any]]) -> str | None:
-    """The scoring rule the numbers favour: higher accuracy, then lower calibrated NLL (None: no numbers)."""
+    """The scoring rule the numbers favour: higher accuracy, then lower calibrated NLL (None: no numbers).
+
+    NLLs equal to 1e-9 are a tie, and a tie keeps the default "sum": when every label has as many tokens,
+    the mean is the sum over a constant, the two rules are one, and float rounding must not pick a mode."""
     if not scoring:
         return None
-    return min(scoring, key=lambda mode: (-scoring[mode]["accuracy"], scoring[mode]["nll_after"], mode))
+    return min(scoring, key=lambda mode: (-scoring[mode]["accuracy"], round(scoring[mode]["nll_after"], 9),
+                                          mode != "sum", mode))
 
 
 # --- descriptions: SS and S-IoU (osprey/eval/lvis_paco_eval.py) ----------------------------------------

@@ -282,6 +282,10 @@ def test_better_scoring_prefers_accuracy_then_calibrated_nll():
     sum_, mean = {"accuracy": 0.9, "nll_after": 0.3}, {"accuracy": 0.9, "nll_after": 0.2}
     assert better_scoring({"sum": sum_, "mean": mean}) == "mean"
     assert better_scoring({"sum": {**sum_, "accuracy": 0.95}, "mean": mean}) == "sum"
+    # one-token labels: the same rule twice, NLLs apart by float rounding -> the default stays
+    tie = {"sum": {"accuracy": 0.99, "nll_after": 0.013785459629700462},
+           "mean": {"accuracy": 0.99, "nll_after": 0.013785459629700458}}
+    assert better_scoring(tie) == "sum"
 
 
 def test_osprey_eval_writes_metrics_with_both_scoring_rules_and_can_calibrate(tmp_path, capsys):

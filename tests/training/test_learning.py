@@ -34,7 +34,7 @@ CLASSES = tuple(COLOUR_OF)
 NEW = "hexagon"
 GEN = dict(image_size=128, objects=(3, 5), colour_of=COLOUR_OF, textured=0.3)
 LABELS = LabelSpace(CLASSES)
-BASE = finetune.TrainConfig(mode="full", lr=2e-3, steps=90, batch_size=16, warmup_ratio=0.05, save_every=0)
+BASE = finetune.TrainConfig(mode="full", lr=5e-4, steps=180, batch_size=16, warmup_ratio=0.05, save_every=0)
 # The correction run fine-tunes in full (the demo model is small); LoRA's mechanics (save, merge at load,
 # same logits) are tests/training/test_finetune.py's.
 TUNE = finetune.TrainConfig(mode="full", lr=5e-4, steps=80, batch_size=16, warmup_ratio=0.05, save_every=0)

@@ -1,0 +1,125 @@
+"""What one hexagon retrain does to the shipped demo model, without the stack: the learning loop's 50
+corrected images (tests/demo/test_demo_loop.py's seed 4242), the pipeline's own split (held-out 0.3, seed 0),
+`training.finetune.train` with the given settings, then the gate's per-label accuracy on the held-out
+corrections and the per-shape accuracy on held-out seed 7001 with hexagons. The numbers in docs/demo.md
+("The learning loop on the demo") come from this script.
+
+    .venv/bin/python bench/demo_retrain.py [--steps 80] [--lr 5e-4] [--replay 0] [--repeat 1] [--vision] [--json]
+
+--replay N adds the base world's first N training images (seed 0, no hexagons) to the training samples;
+--repeat K repeats the corrections' samples K times; --vision also trains the vision tower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+TASKS = ("category", "attributes", "short")
+
+
+def corrections(out: Path, n: int = 50, seed: int = 4242) -> list:
+    from training import demo_model, synthetic
+
+    scenes, index = [], 0
+    while len(scenes) < n:
+        scene = synthetic.generate_scene(seed, index, **demo_model.WORLD)
+        index += 1
+        if any(o.shape == demo_model.NEW_CLASS for o in scene.objects):
+            scenes.append(scene)
+    return [dataclasses.replace(e, attributes={"color": e.attributes["color"]})
+            for scene, path, sha in synthetic.write_images(scenes, out)
+            for e in synthetic.region_examples(scene, path, sha)]
+
+
+def confusion(model: Path, examples: list, labels) -> dict[str, dict[str, int]]:
+    """true shape -> {answered label: count} for the round shapes."""
+    from osprey_core import load_engine
+    from training.evaluate import _load, _region
+
+    engine = load_engine(str(model), device="cpu")
+    by_image: dict[str, list] = defaultdict(list)
+    for e in examples:
+        by_image[e.image].append(e)
+    out: dict[str, Counter] = defaultdict(Counter)
+    for group in by_image.values():
+        for e, c in zip(group, engine.classify(_load(group[0]), [_region(e) for e in group],
+                                               list(labels.categories)), strict=True):
+            if e.category in ("hexagon", "circle", "heart"):
+                out[f"{e.category} ({e.attributes['size'][0]})"][c.label] += 1
+    return {k: dict(v) for k, v in sorted(out.items())}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(REPO / "models" / "demo"), help="base model directory")
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--replay", type=int, default=0, help="base-world images mixed in")
+    parser.add_argument("--repeat", type=int, default=1, help="times each correction sample is repeated")
+    parser.add_argument("--vision", action="store_true", help="also train the vision tower")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+
+    import torch
+
+    from osprey_core import load_engine
+    from training import demo_model, synthetic
+    from training.dataset import build_samples, split_by_image
+    from training.evaluate import evaluate
+    from training.finetune import TrainConfig, train
+
+    torch.manual_seed(0)
+    labels = demo_model.label_space()
+    with tempfile.TemporaryDirectory(prefix="osprey-retrain-") as tmp:
+        work = Path(tmp)
+        train_ex, held = split_by_image(corrections(work / "corrections"), 0.3, 0)
+        samples = build_samples(train_ex, labels, tasks=TASKS, seed=0) * args.repeat
+        if args.replay:
+            samples += build_samples(demo_model.world_examples(work / "replay", args.replay, 0), labels,
+                                     tasks=TASKS, seed=0)
+        started = time.perf_counter()
+        result = train(args.model, samples, work / "candidate", TrainConfig(
+            mode="full", lr=args.lr, steps=args.steps, batch_size=args.batch_size, seed=0, save_every=0,
+            train_vision=args.vision), device="cpu", progress=not args.json)
+        seconds = time.perf_counter() - started
+        gate = {}
+        for name, model in (("current", Path(args.model)), ("candidate", work / "candidate")):
+            per_label = evaluate(load_engine(str(model), device="cpu"), held, labels,
+                                 descriptions=False).to_dict()["per_label"]
+            gate[name] = {k: v["accuracy"] for k, v in per_label.items()}
+        seven = demo_model.world_examples(work / "held", 40, demo_model.HELD_OUT_SEED, synthetic.SHAPES,
+                                          ("color", "size"))
+        report = demo_model.held_out_accuracy(work / "candidate", shapes=synthetic.SHAPES, descriptions=False)
+        out = {"settings": vars(args) | {"json": None}, "train_regions": len(train_ex), "held_regions": len(held),
+               "samples": len(samples), "train_seconds": round(seconds, 1),
+               "loss": [round(result.losses[0], 3), round(result.final_loss, 3)], "gate": gate,
+               "seed_7001": {k: v["category"] for k, v in report["per_shape"].items()},
+               "seed_7001_round_shapes": confusion(work / "candidate", seven, labels)}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{out['train_regions']} regions trained on, {out['held_regions']} held out; {out['samples']} samples; "
+          f"{out['train_seconds']} s; loss {out['loss'][0]} -> {out['loss'][1]}")
+    print(f"{'label':<10} {'gate current':>12} {'gate cand.':>10} {'seed 7001':>9}")
+    for label in labels.categories:
+        cur, cand, seven_acc = gate["current"].get(label), gate["candidate"].get(label), out["seed_7001"].get(label)
+        cells = ["-" if v is None else f"{v:.0%}" for v in (cur, cand, seven_acc)]
+        print(f"{label:<10} {cells[0]:>12} {cells[1]:>10} {cells[2]:>9}")
+    for shape, answers in out["seed_7001_round_shapes"].items():
+        print(f"  {shape}: {answers}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
