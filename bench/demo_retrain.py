@@ -68,6 +68,7 @@ def main() -> int:
     parser.add_argument("--replay", type=int, default=0, help="base-world images mixed in")
     parser.add_argument("--repeat", type=int, default=1, help="times each correction sample is repeated")
     parser.add_argument("--vision", action="store_true", help="also train the vision tower")
+    parser.add_argument("--train-fit", action="store_true", help="also report accuracy on the trained-on split")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
 
@@ -98,6 +99,10 @@ def main() -> int:
             per_label = evaluate(load_engine(str(model), device="cpu"), held, labels,
                                  descriptions=False).to_dict()["per_label"]
             gate[name] = {k: v["accuracy"] for k, v in per_label.items()}
+        if args.train_fit:
+            fit = evaluate(load_engine(str(work / "candidate"), device="cpu"), train_ex, labels,
+                           descriptions=False).to_dict()["per_label"]
+            gate["candidate_on_train_split"] = {k: v["accuracy"] for k, v in fit.items()}
         seven = demo_model.world_examples(work / "held", 40, demo_model.HELD_OUT_SEED, synthetic.SHAPES,
                                           ("color", "size"))
         report = demo_model.held_out_accuracy(work / "candidate", shapes=synthetic.SHAPES, descriptions=False)
@@ -111,6 +116,8 @@ def main() -> int:
         return 0
     print(f"{out['train_regions']} regions trained on, {out['held_regions']} held out; {out['samples']} samples; "
           f"{out['train_seconds']} s; loss {out['loss'][0]} -> {out['loss'][1]}")
+    if "candidate_on_train_split" in gate:
+        print("candidate on its training split:", {k: round(v, 2) for k, v in gate["candidate_on_train_split"].items()})
     print(f"{'label':<10} {'gate current':>12} {'gate cand.':>10} {'seed 7001':>9}")
     for label in labels.categories:
         cur, cand, seven_acc = gate["current"].get(label), gate["candidate"].get(label), out["seed_7001"].get(label)
