@@ -30,12 +30,7 @@ TASKS = ("category", "attributes", "short")
 def corrections(out: Path, n: int = 50, seed: int = 4242) -> list:
     from training import demo_model, synthetic
 
-    scenes, index = [], 0
-    while len(scenes) < n:
-        scene = synthetic.generate_scene(seed, index, **demo_model.WORLD)
-        index += 1
-        if any(o.shape == demo_model.NEW_CLASS for o in scene.objects):
-            scenes.append(scene)
+    scenes = demo_model.hexagon_scenes(n, seed)
     return [dataclasses.replace(e, attributes={"color": e.attributes["color"]})
             for scene, path, sha in synthetic.write_images(scenes, out)
             for e in synthetic.region_examples(scene, path, sha)]

@@ -97,6 +97,18 @@ def world_examples(out_dir: Path, n_images: int, seed: int, shapes: tuple[str, .
     return out
 
 
+def hexagon_scenes(n: int, seed: int) -> list[synthetic.Scene]:
+    """The first `n` demo-world scenes of `seed` that hold a hexagon: the corrections the learning loop is
+    measured on (tests/demo/test_demo_loop.py, bench/demo_retrain.py)."""
+    out, index = [], 0
+    while len(out) < n:
+        scene = synthetic.generate_scene(seed, index, **WORLD)
+        index += 1
+        if any(o.shape == NEW_CLASS for o in scene.objects):
+            out.append(scene)
+    return out
+
+
 # --- measuring ----------------------------------------------------------------------------------------------
 
 _COLOUR_WORDS = tuple(synthetic.COLOURS)

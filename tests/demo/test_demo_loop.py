@@ -22,17 +22,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 N_CORRECTIONS = 50
 
 
-def corrections(n: int, seed: int) -> list:
-    """`n` demo-world images, each with at least one hexagon (the class the demo model never saw)."""
-    out, index = [], 0
-    while len(out) < n:
-        scene = synthetic.generate_scene(seed, index, **demo_model.WORLD)
-        index += 1
-        if any(o.shape == demo_model.NEW_CLASS for o in scene.objects):
-            out.append(scene)
-    return out
-
-
 def annotation(scene) -> list[dict]:
     """What an annotator submits after fixing the demo model's suggestion: every region's label, colour
     and caption (the Label Studio result the demo project's config produces)."""
@@ -49,7 +38,7 @@ def test_fifty_hexagon_corrections_teach_the_demo_model_hexagons(tmp_path):
     model_dir = tmp_path / "data"
     base = demo_model.ensure_registered(model_dir)
     fake = FakeLabelStudioAPI(loop_tools.CONFIG)
-    scenes = corrections(N_CORRECTIONS, 4242)
+    scenes = demo_model.hexagon_scenes(N_CORRECTIONS, 4242)
     regions = sum(len(s.objects) for s in scenes)
     env = {**demo_model.DEMO_TRAINING_ENV, "OSPREY_TRAIN_LOCK_TTL_S": "3", "OSPREY_TRAIN_TICK_S": "3600",
            "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
@@ -73,7 +62,7 @@ def test_fifty_hexagon_corrections_teach_the_demo_model_hexagons(tmp_path):
         for label in demo_model.TRAIN_SHAPES:
             if cur.get(label) is not None and cand.get(label) is not None:
                 assert cand[label] >= cur[label] - 0.02, (label, cand, cur)
-        held_hexagon = next((s, k) for s in corrections(5, 5151) for k, o in enumerate(s.objects)
+        held_hexagon = next((s, k) for s in demo_model.hexagon_scenes(5, 5151) for k, o in enumerate(s.objects)
                             if o.shape == demo_model.NEW_CLASS)
         answer = loop_tools.predict_one(stack, *held_hexagon)
         assert answer["model_version"] == run["version"] != base, answer
