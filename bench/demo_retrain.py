@@ -1,10 +1,10 @@
 """What one hexagon retrain does to the shipped demo model, without the stack: the learning loop's 50
-corrected images (tests/demo/test_demo_loop.py's seed 4242), the pipeline's own split (held-out 0.3, seed 0),
-`training.finetune.train` with the given settings, then the gate's per-label accuracy on the held-out
-corrections and the per-shape accuracy on held-out seed 7001 with hexagons. The numbers in docs/demo.md
-("The learning loop on the demo") come from this script.
+corrected images (tests/demo/test_demo_loop.py's seed 4242), the pipeline's own split, `training.finetune.train`
+with the given settings (default: `DEMO_TRAINING_ENV`, what `osprey run` retrains the demo model with), then the
+gate's per-label accuracy on the held-out corrections and the per-shape accuracy on held-out seed 7001 with
+hexagons. The numbers in docs/demo.md ("The learning loop on the demo") come from this script.
 
-    .venv/bin/python bench/demo_retrain.py [--steps 80] [--lr 5e-4] [--replay 0] [--repeat 1] [--vision] [--json]
+    .venv/bin/python bench/demo_retrain.py [--steps N] [--lr X] [--replay 0] [--repeat 1] [--vision] [--json]
 
 --replay N adds the base world's first N training images (seed 0, no hexagons) to the training samples;
 --repeat K repeats the corrections' samples K times; --vision also trains the vision tower.
@@ -24,42 +24,42 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-TASKS = ("category", "attributes", "short")
+from training import demo_model, synthetic  # noqa: E402
+
+ENV = demo_model.DEMO_TRAINING_ENV
+TASKS = tuple(ENV["OSPREY_TRAIN_TASKS"].split(","))
+ROUND_SHAPES = ("hexagon", "circle", "heart")
 
 
 def corrections(out: Path, n: int = 50, seed: int = 4242) -> list:
-    from training import demo_model, synthetic
-
     scenes = demo_model.hexagon_scenes(n, seed)
     return [dataclasses.replace(e, attributes={"color": e.attributes["color"]})
             for scene, path, sha in synthetic.write_images(scenes, out)
             for e in synthetic.region_examples(scene, path, sha)]
 
 
-def confusion(model: Path, examples: list, labels) -> dict[str, dict[str, int]]:
-    """true shape -> {answered label: count} for the round shapes."""
-    from osprey_core import load_engine
+def confusion(engine, examples: list, labels) -> dict[str, dict[str, int]]:
+    """true round shape (size) -> {answered label: count}."""
     from training.evaluate import _load, _region
 
-    engine = load_engine(str(model), device="cpu")
     by_image: dict[str, list] = defaultdict(list)
     for e in examples:
-        by_image[e.image].append(e)
+        if e.category in ROUND_SHAPES:
+            by_image[e.image].append(e)
     out: dict[str, Counter] = defaultdict(Counter)
     for group in by_image.values():
-        for e, c in zip(group, engine.classify(_load(group[0]), [_region(e) for e in group],
-                                               list(labels.categories)), strict=True):
-            if e.category in ("hexagon", "circle", "heart"):
-                out[f"{e.category} ({e.attributes['size'][0]})"][c.label] += 1
+        answers = engine.classify(_load(group[0]), [_region(e) for e in group], list(labels.categories))
+        for e, c in zip(group, answers, strict=True):
+            out[f"{e.category} ({e.attributes['size'][0]})"][c.label] += 1
     return {k: dict(v) for k, v in sorted(out.items())}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(REPO / "models" / "demo"), help="base model directory")
-    parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--model", default=str(demo_model.SHIPPED_DIR), help="base model directory")
+    parser.add_argument("--steps", type=int, default=int(ENV["OSPREY_TRAIN_STEPS"]))
+    parser.add_argument("--lr", type=float, default=float(ENV["OSPREY_TRAIN_LR"]))
+    parser.add_argument("--batch-size", type=int, default=int(ENV["OSPREY_TRAIN_BATCH_SIZE"]))
     parser.add_argument("--replay", type=int, default=0, help="base-world images mixed in")
     parser.add_argument("--repeat", type=int, default=1, help="times each correction sample is repeated")
     parser.add_argument("--vision", action="store_true", help="also train the vision tower")
@@ -70,7 +70,6 @@ def main() -> int:
     import torch
 
     from osprey_core import load_engine
-    from training import demo_model, synthetic
     from training.dataset import build_samples, split_by_image
     from training.evaluate import evaluate
     from training.finetune import TrainConfig, train
@@ -79,7 +78,7 @@ def main() -> int:
     labels = demo_model.label_space()
     with tempfile.TemporaryDirectory(prefix="osprey-retrain-") as tmp:
         work = Path(tmp)
-        train_ex, held = split_by_image(corrections(work / "corrections"), 0.3, 0)
+        train_ex, held = split_by_image(corrections(work / "corrections"), float(ENV["OSPREY_TRAIN_HELD_OUT"]), 0)
         samples = build_samples(train_ex, labels, tasks=TASKS, seed=0) * args.repeat
         if args.replay:
             samples += build_samples(demo_model.world_examples(work / "replay", args.replay, 0), labels,
@@ -89,23 +88,23 @@ def main() -> int:
             mode="full", lr=args.lr, steps=args.steps, batch_size=args.batch_size, seed=0, save_every=0,
             train_vision=args.vision), device="cpu", progress=not args.json)
         seconds = time.perf_counter() - started
-        gate = {}
-        for name, model in (("current", Path(args.model)), ("candidate", work / "candidate")):
-            per_label = evaluate(load_engine(str(model), device="cpu"), held, labels,
-                                 descriptions=False).to_dict()["per_label"]
-            gate[name] = {k: v["accuracy"] for k, v in per_label.items()}
+
+        def per_label(engine, examples: list) -> dict[str, float]:
+            metrics = evaluate(engine, examples, labels, descriptions=False).to_dict()
+            return {k: v["accuracy"] for k, v in metrics["per_label"].items()}
+
+        candidate = load_engine(str(work / "candidate"), device="cpu")
+        gate = {"current": per_label(load_engine(args.model, device="cpu"), held), "candidate": per_label(candidate, held)}
         if args.train_fit:
-            fit = evaluate(load_engine(str(work / "candidate"), device="cpu"), train_ex, labels,
-                           descriptions=False).to_dict()["per_label"]
-            gate["candidate_on_train_split"] = {k: v["accuracy"] for k, v in fit.items()}
+            gate["candidate_on_train_split"] = per_label(candidate, train_ex)
         seven = demo_model.world_examples(work / "held", 40, demo_model.HELD_OUT_SEED, synthetic.SHAPES,
                                           ("color", "size"))
-        report = demo_model.held_out_accuracy(work / "candidate", shapes=synthetic.SHAPES, descriptions=False)
-        out = {"settings": vars(args) | {"json": None}, "train_regions": len(train_ex), "held_regions": len(held),
+        report = demo_model.accuracy(candidate, seven, labels, descriptions=False)
+        out = {"settings": vars(args), "train_regions": len(train_ex), "held_regions": len(held),
                "samples": len(samples), "train_seconds": round(seconds, 1),
                "loss": [round(result.losses[0], 3), round(result.final_loss, 3)], "gate": gate,
                "seed_7001": {k: v["category"] for k, v in report["per_shape"].items()},
-               "seed_7001_round_shapes": confusion(work / "candidate", seven, labels)}
+               "seed_7001_round_shapes": confusion(candidate, seven, labels)}
     if args.json:
         print(json.dumps(out))
         return 0
