@@ -33,7 +33,8 @@ def annotation(scene) -> list[dict]:
     "issue 9 open: the demo model cannot tell a hexagon from a circle, not even when trained on hexagons from "
     "the start (hexagon 44 %, circle 75 %), so retraining on these corrections turns circles into hexagons "
     "and the gate refuses the candidate (bench/demo_retrain.py: hexagon 93-100 % with the gate's 2 circles "
-    "lost, or circles kept and hexagon 57-71 %); strict, so the day it passes it must be un-marked"))
+    "lost, or circles kept and hexagon 57-71 %), nor can a tower pretrained on the seven known shapes (stage 0, "
+    "bench/demo_tower.py: hexagon 19 % on its frozen features); strict, so the day it passes it must be un-marked"))
 def test_fifty_hexagon_corrections_teach_the_demo_model_hexagons(tmp_path):
     model_dir = tmp_path / "data"
     base = demo_model.ensure_registered(model_dir)
