@@ -28,13 +28,13 @@ def features(model, scenes) -> tuple[list, list[str], list[bool]]:
     import numpy as np
     import torch
 
-    from training.demo_tower import _pixels, region_features
+    from training.demo_tower import region_features, region_pixels
 
     xs, ys, textured = [], [], []
     with torch.no_grad():
         for scene in scenes:
             masks = torch.from_numpy(np.stack([o.mask for o in scene.objects]))
-            xs.append(region_features(model, _pixels(scene, model.cfg.vision), masks).numpy())
+            xs.append(region_features(model, region_pixels(scene, model.cfg.vision), masks).numpy())
             ys += [o.shape for o in scene.objects]
             textured += [not scene.background.startswith("a plain")] * len(scene.objects)
     return xs, ys, textured

@@ -59,7 +59,8 @@ def region_features(model, pixel_values: torch.Tensor, masks: torch.Tensor) -> t
     return sum(getattr(extractor, lv)(mask_pool(levels[lv][0], masks)) for lv in LEVELS)
 
 
-def _pixels(scene: synthetic.Scene, cfg) -> torch.Tensor:
+def region_pixels(scene: synthetic.Scene, cfg) -> torch.Tensor:
+    """A scene as the tower sees it (the served preprocessing)."""
     from PIL import Image
 
     from osprey_core.image_processing import preprocess
@@ -80,7 +81,7 @@ def shape_accuracy(model, scenes: Sequence[synthetic.Scene], shapes: Sequence[st
     with torch.no_grad():
         for scene in scenes:
             masks, ys, _ = _targets(scene, shapes)
-            logits, _ = head(region_features(model, _pixels(scene, model.cfg.vision), masks))
+            logits, _ = head(region_features(model, region_pixels(scene, model.cfg.vision), masks))
             hits += (logits.argmax(1) == ys).tolist()
     return float(np.mean(hits)) if hits else 0.0
 
@@ -119,7 +120,7 @@ def pretrain_tower(model, recipe: TowerRecipe, shapes: Sequence[str], world: dic
         loss = torch.zeros(())
         for scene in scenes:
             masks, ys, yc = _targets(scene, shapes)
-            shape_logits, colour_logits = head(region_features(model, _pixels(scene, cfg), masks))
+            shape_logits, colour_logits = head(region_features(model, region_pixels(scene, cfg), masks))
             loss = loss + F.cross_entropy(shape_logits, ys) + F.cross_entropy(colour_logits, yc)
         loss = loss / recipe.images_per_step
         optimizer.zero_grad(set_to_none=True)
