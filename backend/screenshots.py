@@ -109,9 +109,13 @@ def shot_interactive(page: Any, demo: Demo, out: Path, task_id: int) -> None:
 
 
 def shot_model_card(page: Any, demo: Demo, out: Path) -> None:
-    page.goto(f"{demo.ls.url}/projects/{demo.project}/settings/model")
-    page.wait_for_load_state("networkidle")
-    page.wait_for_timeout(2000)
+    """Settings -> Model: the connected backend's card. The page renders after its API calls, so wait for
+    the card's title (the name the demo connected it under) rather than for the network to go idle."""
+    page.goto(f"{demo.ls.url}/projects/{demo.project}/settings/ml")  # Settings -> Model (1.23's route)
+    page.get_by_text("osprey", exact=True).first.wait_for(timeout=60_000)
+    page.get_by_label("Machine learning model options").first.click()  # the card's menu: Start Training
+    page.get_by_text("Start Training", exact=True).first.wait_for(timeout=10_000)
+    page.wait_for_timeout(500)
     page.screenshot(path=str(out / "model-card.png"))
 
 
