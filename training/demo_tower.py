@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from osprey_core.modeling.mask_extractor import LEVELS, mask_pool
+from osprey_core.modeling.mask_extractor import LEVELS
 
 from . import synthetic
 
@@ -55,8 +55,7 @@ class RegionHead(nn.Module):
 def region_features(model, pixel_values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """One image's regions -> the mask extractor's summed per-level projections (before `feat_linear`)."""
     levels = model.model.vision_tower(pixel_values[None])
-    extractor = model.mask_extractor
-    return sum(getattr(extractor, lv)(mask_pool(levels[lv][0], masks)) for lv in LEVELS)
+    return model.mask_extractor.level_sum({k: v[0] for k, v in levels.items()}, masks)
 
 
 def region_pixels(scene: synthetic.Scene, cfg) -> torch.Tensor:
@@ -101,12 +100,11 @@ def pretrain_tower(model, recipe: TowerRecipe, shapes: Sequence[str], world: dic
     tower, extractor = model.model.vision_tower, model.mask_extractor
     levels = [getattr(extractor, lv) for lv in LEVELS]
     head = RegionHead(levels[0].out_features, len(shapes), len(synthetic.COLOURS))
-    params = [*tower.parameters(), *(p for lv in levels for p in lv.parameters())]
-    was = [p.requires_grad for p in params]
-    params += list(head.parameters())
-    for p in params:
+    trained = [*tower.parameters(), *(p for lv in levels for p in lv.parameters())]
+    was = [p.requires_grad for p in trained]
+    for p in trained:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.AdamW([*trained, *head.parameters()], lr=recipe.lr, weight_decay=recipe.weight_decay)
     warmup = int(round(recipe.warmup_ratio * recipe.steps))
     losses: list[float] = []
     tower.train()
@@ -129,7 +127,7 @@ def pretrain_tower(model, recipe: TowerRecipe, shapes: Sequence[str], world: dic
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     tower.eval()
-    for p, flag in zip(params, was, strict=False):  # as they were (the head's are dropped with it)
+    for p, flag in zip(trained, was, strict=True):
         p.requires_grad_(flag)
     accuracy = shape_accuracy(model, held_out, shapes, head) if held_out else None
     return head, {"steps": recipe.steps, "first_loss": losses[0] if losses else None,

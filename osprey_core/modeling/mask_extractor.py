@@ -70,12 +70,18 @@ class MaskExtractor(nn.Module):
         Returns (mask_tokens, pos_tokens), each (Q, hidden) in fp32: the extractor's parameters stay fp32
         whatever the model's dtype (`factory.cast_model`).
         """
-        vision_dtype = feats["res4"].dtype
         masks = masks.float()  # once: full-resolution masks are the largest tensors here
+        pos = resize_masks(masks, (self.mask_shape, self.mask_shape))
+        return self.feat_linear(self.level_sum(feats, masks)), self.mask_linear(pos.reshape(pos.shape[0], -1))
+
+    def level_sum(self, feats: dict[str, torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
+        """(Q, embed_dim): each level mask-pooled, projected and summed (the mask token before
+        `feat_linear`; also what the demo tower is pretrained through, training/demo_tower.py)."""
+        vision_dtype = feats["res4"].dtype
+        masks = masks.float()
         summed = None
         for level in LEVELS:
             pooled = mask_pool(feats[level], masks)
             y = getattr(self, level)(pooled).to(vision_dtype).float()  # the original's rounding to the vision dtype
             summed = y if summed is None else summed + y
-        pos = resize_masks(masks, (self.mask_shape, self.mask_shape))
-        return self.feat_linear(summed), self.mask_linear(pos.reshape(pos.shape[0], -1))
+        return summed
