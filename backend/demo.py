@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,9 @@ class Demo:
     backend_url: str
     project: int
     workdir: Path
+    # What an annotator fixing every suggestion would submit, one result per imported task in import order
+    # (the generator's truth: each region's label, colour and caption); the screenshot script submits it.
+    answers: list[list[dict[str, Any]]] = field(default_factory=list)
 
     def stop(self) -> None:
         if self.backend.poll() is None:
@@ -86,9 +89,17 @@ def _wait(check: Any, timeout_s: float, what: str) -> None:
         time.sleep(0.5)
 
 
+def answers(tasks: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Per generator task, the annotation an annotator submits after correcting it: every region's label,
+    colour and caption (what tests/demo/test_demo_loop.py submits)."""
+    return [[r for p in task.get("predictions", [])[:1] for r in p["result"]
+             if r["from_name"] in ("category", "color", "caption")] for task in tasks]
+
+
 def start_demo(settings: Settings, *, ls_port: int = 8080, backend_port: int = 9090, images: int = 12,
-               seed: int = 1001) -> Demo:
-    from training.demo_model import WORLD
+               seed: int = 1001, backend_env: dict[str, str] | None = None) -> Demo:
+    """`backend_env`: extra environment for `osprey run` (the screenshot script's training settings)."""
+    from training.demo_model import WORLD, WORLD_SHAPES
     from training.synthetic import demo_data
 
     workdir = Path(settings.model_dir).resolve() / "demo"
@@ -96,9 +107,10 @@ def start_demo(settings: Settings, *, ls_port: int = 8080, backend_port: int = 9
         shutil.rmtree(workdir)  # a fresh Label Studio database every time: the demo is disposable
     files_root = workdir / "files"
     print(f"writing {images} demo images under {files_root} ...", flush=True)
-    # The demo model's world (hexagons included: the class it has to learn from the annotator).
-    paths = demo_data(files_root / "shapes", images=images, seed=seed, **WORLD)
-    tasks = unlabeled_tasks(json.loads(paths["labelstudio"].read_text()), files_root)
+    # The demo model's world (crosses included: the class it has to learn from the annotator).
+    paths = demo_data(files_root / "shapes", images=images, seed=seed, shapes=WORLD_SHAPES, **WORLD)
+    generated = json.loads(paths["labelstudio"].read_text())
+    tasks = unlabeled_tasks(generated, files_root)
     # devserver makes data/ and files/ itself: move the images aside and back.
     staged = workdir.parent / "demo-staging"
     shutil.rmtree(staged, ignore_errors=True)
@@ -118,10 +130,11 @@ def start_demo(settings: Settings, *, ls_port: int = 8080, backend_port: int = 9
         "OSPREY_WEBHOOK_SECRET": DEMO_WEBHOOK_SECRET,
         "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": DEMO_TOKEN,
         "LOCAL_FILES_DOCUMENT_ROOT": str(ls.files_root), "OSPREY_REGIONS_FROM": "both",
-    }
+    } | (backend_env or {})
     print(f"starting the backend (`osprey run`) on {backend_url} ...", flush=True)
     backend = subprocess.Popen([sys.executable, "-m", "backend.cli", "run"], env=env)
-    demo = Demo(ls=ls, backend=backend, backend_url=backend_url, project=0, workdir=workdir)
+    demo = Demo(ls=ls, backend=backend, backend_url=backend_url, project=0, workdir=workdir,
+                answers=answers(generated))
     try:
         _wait(lambda: httpx.get(backend_url + "/health", timeout=2).status_code == 200, 600, "the backend")
         _wait(lambda: httpx.post(backend_url + "/setup", auth=(DEMO_USER, DEMO_PASSWORD), timeout=10,

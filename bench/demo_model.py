@@ -1,6 +1,6 @@
 """The demo model's numbers: training time and the held-out accuracy table; cold start of `osprey run` (clean
-MODEL_DIR, no OSPREY_MODEL) to the first answered interactive request; the loop time from the 50th hexagon
-correction to the new version serving (tests/demo/test_demo_loop.py's stack, timed).
+MODEL_DIR, no OSPREY_MODEL) to the first answered interactive request; the loop time from the 50th
+correction (crosses, the class it never saw) to the new version serving (tests/demo/test_demo_loop.py's stack, timed).
 
     .venv/bin/python bench/demo_model.py [--json] [--skip-train] [--skip-loop] [--threads 2]
 
@@ -51,7 +51,8 @@ def bench_cold_start() -> dict:
 
     with tempfile.TemporaryDirectory(prefix="osprey-bench-run-") as tmp:
         tmp_path = Path(tmp)
-        scene = synthetic.generate_scene(demo_model.HELD_OUT_SEED + 1, 0, **demo_model.WORLD)
+        scene = synthetic.generate_scene(demo_model.HELD_OUT_SEED + 1, 0, shapes=demo_model.TRAIN_SHAPES,
+                                         **demo_model.WORLD)
         (tmp_path / "files" / "demo").mkdir(parents=True)
         (tmp_path / "files" / "demo" / "a.png").write_bytes(scene.png_bytes())
         port = free_port()
@@ -94,7 +95,7 @@ def bench_loop() -> dict:
         model_dir = tmp_path / "data"
         base = demo_model.ensure_registered(model_dir)
         fake = FakeLabelStudioAPI(t.CONFIG)
-        scenes = d.corrections(d.N_CORRECTIONS, 4242)
+        scenes = demo_model.new_class_scenes(d.N_CORRECTIONS, 4242)
         regions = sum(len(s.objects) for s in scenes)
         stack = t.make_stack(tmp_path, ls_url=fake.url, OSPREY_MODEL=str(Registry(model_dir).path(base)),
                              OSPREY_TRAIN_MIN_CORRECTIONS=str(regions), OSPREY_TRAIN_TICK_S="3600",
@@ -109,7 +110,8 @@ def bench_loop() -> dict:
             last = t.submit(fake, stack, 1, [(s, d.annotation(s)) for s in scenes])
             run = t.wait_run(stack, "1", before, timeout=3600)
             trained = time.time()
-            probe = next((s, k) for s in d.corrections(5, 5151) for k, o in enumerate(s.objects) if o.shape == "hexagon")
+            probe = next((s, k) for s in demo_model.new_class_scenes(5, 5151) for k, o in enumerate(s.objects)
+                         if o.shape == demo_model.NEW_CLASS)
             while t.predict_one(stack, *probe)["model_version"] != run.get("version"):
                 if run.get("status") != "promoted" or time.time() - trained > 600:
                     break
@@ -120,8 +122,9 @@ def bench_loop() -> dict:
             stack.close()
             fake.close()
     return {"status": run.get("status"), "regions": regions, "train_seconds": run.get("train_seconds"),
-            "hexagon_before": run["current"]["per_label"].get("hexagon"),
-            "hexagon_after": run["candidate"]["per_label"].get("hexagon"),
+            "new_class": demo_model.NEW_CLASS,
+            "before": run["current"]["per_label"].get(demo_model.NEW_CLASS),
+            "after": run["candidate"]["per_label"].get(demo_model.NEW_CLASS),
             "correction_to_serving_s": round(served - last, 1)}
 
 
@@ -148,7 +151,7 @@ def main() -> int:
         out["loop"] = bench_loop()
         if not args.json:
             print(f"loop: 50th correction -> new version serving {out['loop']['correction_to_serving_s']} s "
-                  f"({out['loop']['status']}, hexagon {out['loop']['hexagon_before']} -> {out['loop']['hexagon_after']})")
+                  f"({out['loop']['status']}, {out['loop']['new_class']} {out['loop']['before']} -> {out['loop']['after']})")
     if args.json:
         print(json.dumps(out))
     return 0

@@ -1,12 +1,13 @@
-"""What one hexagon retrain does to the shipped demo model, without the stack: the learning loop's 50
-corrected images (tests/demo/test_demo_loop.py's seed 4242), the pipeline's own split, `training.finetune.train`
-with the given settings (default: `DEMO_TRAINING_ENV`, what `osprey run` retrains the demo model with), then the
-gate's per-label accuracy on the held-out corrections and the per-shape accuracy on held-out seed 7001 with
-hexagons. The numbers in docs/demo.md ("The learning loop on the demo") come from this script.
+"""What one retrain on the new class (the cross) does to the shipped demo model, without the stack: the
+learning loop's 50 corrected images (tests/demo/test_demo_loop.py's seed 4242), the pipeline's own split,
+`training.finetune.train` with the given settings (default: `DEMO_TRAINING_ENV`, what `osprey run` retrains the
+demo model with), then the gate's per-label accuracy on the held-out corrections and the per-shape accuracy on
+held-out seed 7001 with crosses. The numbers in docs/demo.md ("The learning loop on the demo") come from this
+script; `--model DIR` measures another base (e.g. one built by `osprey demo-model --out DIR`).
 
     .venv/bin/python bench/demo_retrain.py [--steps N] [--lr X] [--replay 0] [--repeat 1] [--vision] [--json]
 
---replay N adds the base world's first N training images (seed 0, no hexagons) to the training samples;
+--replay N adds the base world's first N training images (seed 0, no crosses) to the training samples;
 --repeat K repeats the corrections' samples K times; --vision also trains the vision tower.
 """
 
@@ -28,23 +29,23 @@ from training import demo_model, synthetic  # noqa: E402
 
 ENV = demo_model.DEMO_TRAINING_ENV
 TASKS = tuple(ENV["OSPREY_TRAIN_TASKS"].split(","))
-ROUND_SHAPES = ("hexagon", "circle", "heart")
+CONFUSED = (demo_model.NEW_CLASS, "circle", "heart", "star")  # shown by size
 
 
 def corrections(out: Path, n: int = 50, seed: int = 4242) -> list:
-    scenes = demo_model.hexagon_scenes(n, seed)
+    scenes = demo_model.new_class_scenes(n, seed)
     return [dataclasses.replace(e, attributes={"color": e.attributes["color"]})
             for scene, path, sha in synthetic.write_images(scenes, out)
             for e in synthetic.region_examples(scene, path, sha)]
 
 
 def confusion(engine, examples: list, labels) -> dict[str, dict[str, int]]:
-    """true round shape (size) -> {answered label: count}."""
+    """true shape (size) -> {answered label: count}, for the CONFUSED shapes."""
     from training.evaluate import _load, _region
 
     by_image: dict[str, list] = defaultdict(list)
     for e in examples:
-        if e.category in ROUND_SHAPES:
+        if e.category in CONFUSED:
             by_image[e.image].append(e)
     out: dict[str, Counter] = defaultdict(Counter)
     for group in by_image.values():
@@ -97,14 +98,14 @@ def main() -> int:
         gate = {"current": per_label(load_engine(args.model, device="cpu"), held), "candidate": per_label(candidate, held)}
         if args.train_fit:
             gate["candidate_on_train_split"] = per_label(candidate, train_ex)
-        seven = demo_model.world_examples(work / "held", 40, demo_model.HELD_OUT_SEED, synthetic.SHAPES,
+        seven = demo_model.world_examples(work / "held", 40, demo_model.HELD_OUT_SEED, demo_model.WORLD_SHAPES,
                                           ("color", "size"))
         report = demo_model.accuracy(candidate, seven, labels, descriptions=False)
         out = {"settings": vars(args), "train_regions": len(train_ex), "held_regions": len(held),
                "samples": len(samples), "train_seconds": round(seconds, 1),
                "loss": [round(result.losses[0], 3), round(result.final_loss, 3)], "gate": gate,
                "seed_7001": {k: v["category"] for k, v in report["per_shape"].items()},
-               "seed_7001_round_shapes": confusion(candidate, seven, labels)}
+               "seed_7001_confusion": confusion(candidate, seven, labels)}
     if args.json:
         print(json.dumps(out))
         return 0
@@ -117,7 +118,7 @@ def main() -> int:
         cur, cand, seven_acc = gate["current"].get(label), gate["candidate"].get(label), out["seed_7001"].get(label)
         cells = ["-" if v is None else f"{v:.0%}" for v in (cur, cand, seven_acc)]
         print(f"{label:<10} {cells[0]:>12} {cells[1]:>10} {cells[2]:>9}")
-    for shape, answers in out["seed_7001_round_shapes"].items():
+    for shape, answers in out["seed_7001_confusion"].items():
         print(f"  {shape}: {answers}")
     return 0
 

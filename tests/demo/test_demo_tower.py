@@ -28,7 +28,7 @@ def test_stage_0_trains_the_tower_and_level_projections_only():
                                   demo_model.WORLD, held, progress=False)
     assert report["final_loss"] < report["first_loss"] - 0.5, report  # ln 7 + ln 6 = 3.7 at the start
     assert 0.0 <= report["held_out_shape_accuracy"] <= 1.0
-    assert head.shapes == len(demo_model.TRAIN_SHAPES)  # no hexagon output: the class stays unseen
+    assert head.shapes == len(demo_model.TRAIN_SHAPES)  # no output for the new class: it stays unseen
     after = model.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(k.startswith("model.vision_tower.") for k in moved)
