@@ -91,7 +91,7 @@ def _wait(check: Any, timeout_s: float, what: str) -> None:
 
 def answers(tasks: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """Per generator task, the annotation an annotator submits after correcting it: every region's label,
-    colour and caption (what tests/demo/test_demo_loop.py submits)."""
+    colour and caption (also what tests/demo/test_demo_loop.py submits)."""
     return [[r for p in task.get("predictions", [])[:1] for r in p["result"]
              if r["from_name"] in ("category", "color", "caption")] for task in tasks]
 

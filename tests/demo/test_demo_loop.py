@@ -14,6 +14,7 @@ import json
 
 import pytest
 
+from backend.demo import answers
 from tests.backend.test_sync import FakeLabelStudioAPI
 from tests.training import test_loop as loop_tools
 from training import demo_model, synthetic
@@ -26,8 +27,7 @@ N_CORRECTIONS = 50
 def annotation(scene) -> list[dict]:
     """What an annotator submits after fixing the demo model's suggestion: every region's label, colour
     and caption (the Label Studio result the demo project's config produces)."""
-    result = synthetic.labelstudio_task(scene, "unused")["predictions"][0]["result"]
-    return [r for r in result if r["from_name"] in ("category", "color", "caption")]
+    return answers([synthetic.labelstudio_task(scene, "unused")])[0]
 
 
 def test_fifty_corrections_teach_the_demo_model_the_class_it_never_saw(tmp_path):
